@@ -43,7 +43,7 @@ def build_model(name: str | os.PathLike = "default", checkpoint=None,
     elif name in NAMED_CONFIGS:
         config = NAMED_CONFIGS[name]
     elif Path(name).suffix in (".pth", ".pt", ".ckpt", ".safetensors") or Path(name).exists():
-        checkpoint, config = name, None
+        checkpoint, config = checkpoint or name, None
     else:
         raise CheckpointError(f"unknown model '{name}': use one of {', '.join(MODEL_NAMES)} "
                               "or the path of a weights file")

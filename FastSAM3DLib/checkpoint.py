@@ -13,7 +13,6 @@ import collections
 import json
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from .atomic import atomic_output_path
 from .model.config import NAMED_CONFIGS, EncoderConfig, ModelConfig
 
 SAFE_PICKLE_GLOBALS = [argparse.Namespace, collections.Counter]
@@ -189,11 +189,5 @@ def save_model(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dty
              .detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
     meta.update(metadata or {})
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output_path(path) as tmp:
         save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
