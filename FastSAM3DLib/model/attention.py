@@ -54,16 +54,35 @@ def relative_position_table(size: int, table: torch.Tensor) -> torch.Tensor:
 def decomposed_rel_pos_bias(q: torch.Tensor, grid: tuple[int, int, int],
                             rel_d: torch.Tensor, rel_h: torch.Tensor,
                             rel_w: torch.Tensor) -> torch.Tensor:
-    """Additive bias (B, heads, N, N) of ViTDet/MViTv2 decomposed relative
-    positions, from the unscaled queries q (B, heads, N, d)."""
+    """Additive bias (B, heads, N, N) of the decomposed relative positions, from
+    the unscaled queries q (B, heads, N, d), exactly as the official weights
+    were trained.
+
+    With per-axis terms t_d[a,b,c,k] = <q(a,b,c), Rd[a-k]>, t_h[a,b,c,k] =
+    <q(a,b,c), Rh[b-k]>, t_w[a,b,c,k] = <q(a,b,c), Rw[c-k]>, the textbook
+    (2D ViTDet) form would add t_d[.., a'] + t_h[.., b'] + t_w[.., c'] for key
+    (a',b',c'). The 3D reference code (SAM-Med3D, FastSAM3D, all copies)
+    broadcasts its 5-D terms into the 7-D attention view with misaligned axes, so
+    the bias it adds for query (a,b,c) and key (a',b',c') is
+
+        t_d[a,b,c,c'] + t_h[a,b,a',c'] + t_w[a,b,b',c']
+
+    (query voxels (a,b,a') and (a,b,b') appear, and only on cubic grids does
+    this broadcast at all). Every released checkpoint learned with this bias,
+    so it is reproduced here; outputs differ markedly without it.
+    """
     b, h, n, d = q.shape
     gd, gh, gw = grid
+    if not gd == gh == gw:
+        raise ValueError(f"relative positions need a cubic token grid, got {grid}")
     r_q = q.reshape(b, h, gd, gh, gw, d)
-    bias_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q, relative_position_table(gd, rel_d))
-    bias_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q, relative_position_table(gh, rel_h))
-    bias_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q, relative_position_table(gw, rel_w))
-    bias = (bias_d[..., :, None, None] + bias_h[..., None, :, None]
-            + bias_w[..., None, None, :])
+    t_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q, relative_position_table(gd, rel_d))
+    t_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q, relative_position_table(gh, rel_h))
+    t_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q, relative_position_table(gw, rel_w))
+    # Index layout of the 7-D bias: (a, b, c, a', b', c') after (batch, head).
+    bias = (t_d[:, :, :, :, :, None, None, :]          # t_d[a,b,c,c']
+            + t_h[:, :, :, :, None, :, None, :]         # t_h[a,b,a',c'] (its 3rd axis sits at a')
+            + t_w[:, :, :, :, None, None, :, :])        # t_w[a,b,b',c'] (its 3rd axis sits at b')
     return bias.reshape(b, h, n, n)
 
 
