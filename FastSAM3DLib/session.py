@@ -25,6 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .acceleration import engine_fast_path
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
@@ -88,19 +89,23 @@ class Engine:
 
     def __init__(self, model: str | Sam3D = "default", device: str = "auto",
                  precision: str = "auto", checkpoint=None, cache_size: int = 8,
-                 cpu_fallback: bool = True):
+                 cpu_fallback: bool = True, fast: bool | str = "auto"):
         self.device = resolve_device(device)
         if isinstance(model, Sam3D):
             self.model = model.eval().to(self.device)
         else:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
+        # On CUDA the model calls go through the fast path (acceleration.py: CUDA graphs,
+        # half-precision encoder weights); the CPU keeps the plain float32 calls.
+        self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
         self.cpu_fallback = cpu_fallback
         self.encoder_calls = 0
         self._lock = threading.RLock()
         # (id(image), roi) -> (image, embedding); holding the image keeps its id unique.
         self._cache: OrderedDict[tuple, tuple[sitk.Image, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
+        self._images: dict = {}
 
     def _choose_precision(self, precision: str) -> torch.dtype:
         if precision == "auto":
@@ -128,7 +133,23 @@ class Engine:
         return self.model.input_size
 
     def new_session(self, image: sitk.Image | str | Path, **options) -> "InteractiveSession":
-        return InteractiveSession(self, image, **options)
+        """A session for one object. Sessions given the same image object (or
+        path) share the validated image and its cached embeddings."""
+        return InteractiveSession(self, self.prepare_image(image), **options)
+
+    def prepare_image(self, image: sitk.Image | str | Path) -> sitk.Image:
+        """The validated float32 image for ``image``, made once per image object or path."""
+        key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else id(image)
+        with self._lock:
+            entry = self._images.get(key)
+            if entry is None or (not isinstance(key, str) and entry[0] is not image):
+                prepared = load_image(image) if isinstance(key, str) else validate_image(image)
+                # Keeping the original alive keeps its id() from being reused.
+                entry = (image, prepared)
+                self._images[key] = entry
+                while len(self._images) > self._cache_size:
+                    self._images.pop(next(iter(self._images)))
+            return entry[1]
 
     # -- model calls -------------------------------------------------------
     def _autocast(self):
@@ -145,6 +166,10 @@ class Engine:
                 raise EngineError("the GPU ran out of memory; close other GPU programs or "
                                   "choose the CPU device") from None
             warnings.warn("GPU out of memory: continuing on the CPU", stacklevel=3)
+            if self._fast is not None:
+                self._fast.release()
+                self._fast = None
+                torch.cuda.empty_cache()
             self.device = torch.device("cpu")
             self.model = self.model.to(self.device)
             self.precision = torch.float32
@@ -165,7 +190,10 @@ class Engine:
             crop = extract_roi(image, roi)
 
             def encode():
-                volume = torch.from_numpy(np.ascontiguousarray(crop))[None, None].to(self.device)
+                volume = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
+                if self._fast is not None:
+                    return self._fast.encode(volume)
+                volume = volume.to(self.device)
                 with torch.inference_mode(), self._autocast():
                     return self.model.encode(volume)
 
@@ -180,6 +208,11 @@ class Engine:
                mask_logits: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         with self._lock:
             def run():
+                if self._fast is not None:
+                    logits, iou = self._fast.decode(
+                        embedding, torch.as_tensor(points_voxel, dtype=torch.float32)[None],
+                        torch.as_tensor(labels, dtype=torch.int64)[None], mask_logits)
+                    return logits, float(iou[0, 0])
                 points = torch.as_tensor(points_voxel, dtype=torch.float32, device=self.device)[None]
                 lab = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
                 prompt = None if mask_logits is None else mask_logits.to(self.device)
@@ -222,7 +255,7 @@ class InteractiveSession:
     def __init__(self, engine: Engine, image: sitk.Image | str | Path,
                  accumulate_clicks: bool = True, border_margin: int = 8):
         self.engine = engine
-        self.image = load_image(image) if isinstance(image, (str, Path)) else validate_image(image)
+        self.image = engine.prepare_image(image)
         self.accumulate_clicks = accumulate_clicks
         self.border_margin = border_margin
         self._history: list[_State] = [_State((), None, None, None)]

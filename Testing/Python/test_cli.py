@@ -1,0 +1,89 @@
+"""The ``fastsam3d`` command: outputs on the input grid, one-line errors, nothing half-written."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from FastSAM3DLib.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "Resources" / "Samples" / "ct_abdomen_example.nii.gz"
+LIVER_RAS = "98,164.3,394.3"
+
+
+def _run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_segment_writes_a_labelmap_on_the_input_grid(tmp_path, capsys):
+    out = tmp_path / "liver.nrrd"
+    code, _, err = _run(["segment", SAMPLE, "-o", out, "--point", LIVER_RAS, "--model", "fastsam3d",
+                         "--device", "cpu"], capsys)
+    assert code == 0, err
+    image, label = sitk.ReadImage(str(SAMPLE)), sitk.ReadImage(str(out))
+    assert label.GetSize() == image.GetSize()
+    np.testing.assert_allclose(label.GetOrigin(), image.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(label.GetSpacing(), image.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(label.GetDirection(), image.GetDirection(), atol=1e-6)
+    assert set(np.unique(sitk.GetArrayFromImage(label))) <= {0, 1}
+    assert "wrote" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["liver.nrrd"]
+
+
+def test_prompts_file_gives_one_label_per_object_without_overwriting(tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"space": "ras", "objects": [
+        {"label": 3, "name": "liver", "points": [[98, 164.3, 394.3]]},
+        {"label": 7, "name": "near liver", "points": [[90, 160, 390]], "negative": [[98, 164.3, 394.3]]},
+    ]}))
+    out = tmp_path / "organs.nii.gz"
+    code, _, err = _run(["segment", SAMPLE, "-o", out, "--prompts", prompts, "--model", "fastsam3d"], capsys)
+    assert code == 0, err
+    values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out)))))
+    assert values <= {0, 3, 7} and 3 in values
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segment", "/no/such/scan.nii.gz", "-o", "{tmp}/x.nii.gz", "--point", "1,2,3"], "not found"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", "1e5,0,0"], "outside the image"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--negative", LIVER_RAS], "positive"),
+    (["segment", SAMPLE, "-o", "{tmp}/no_such_dir/x.nii.gz", "--point", LIVER_RAS], "does not exist"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.txt", "--point", LIVER_RAS], "extension"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", LIVER_RAS, "--model", "{tmp}/nope.pth"], "not found"),
+])
+def test_bad_input_gives_one_line_and_no_output(tmp_path, capsys, args, message):
+    args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model" not in args:
+        args += ["--model", "fastsam3d"]
+    code, out, err = _run(args, capsys)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("fastsam3d: error")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_text_file_as_image_and_bad_point_syntax(tmp_path, capsys):
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    code, _, err = _run(["segment", text, "-o", tmp_path / "x.nii.gz", "--point", "1,2,3"], capsys)
+    assert code == 2 and "fastsam3d: error" in err
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(SAMPLE), "-o", str(tmp_path / "x.nii.gz"), "--point", "1,2"])
+    assert info.value.code == 2
+    assert "X,Y,Z" in capsys.readouterr().err
+
+
+def test_installed_command_and_help():
+    exe = Path(sys.executable).with_name("fastsam3d")
+    result = subprocess.run([str(exe), "segment", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    for words in ("--point", "--negative", "ras", "Slicer", "voxel grid"):
+        assert words in result.stdout
