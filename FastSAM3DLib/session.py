@@ -25,7 +25,6 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .acceleration import engine_fast_path
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
@@ -49,7 +48,8 @@ class ClickResult:
     """What one click (or undo/redo) changed.
 
     ``patch`` holds the object's mask over a box that covers both the previous
-    and the new result: a caller replaces exactly that box.
+    and the new result: a caller replaces exactly that box. None when both
+    are empty (nothing to write).
     """
     patch: MaskPatch | None
     reembedded: bool = False
@@ -65,6 +65,19 @@ class _State:
     roi: RoiGeometry | None
     low_res_logits: torch.Tensor | None     # (1, 1, s, s, s) in this ROI
     patch: MaskPatch | None
+
+
+def _crop_to_content(patch: MaskPatch) -> MaskPatch | None:
+    """The patch cut down to the bounding box of its True voxels (None if empty):
+    callers then write only what an object can occupy, not the whole ROI box."""
+    if not patch.array.any():
+        return None
+    nonzero = [np.flatnonzero(patch.array.any(axis=tuple(a for a in range(3) if a != axis)))
+               for axis in range(3)]
+    lo = [int(n[0]) for n in nonzero]
+    hi = [int(n[-1]) + 1 for n in nonzero]
+    return MaskPatch(tuple(s + l for s, l in zip(patch.start_kji, lo)),
+                     patch.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
 
 
 def _union_patch(old: MaskPatch | None, new: MaskPatch | None) -> MaskPatch | None:
@@ -98,6 +111,7 @@ class Engine:
         self.precision = self._choose_precision(precision)
         # On CUDA the model calls go through the fast path (acceleration.py: CUDA graphs,
         # half-precision encoder weights); the CPU keeps the plain float32 calls.
+        from .acceleration import engine_fast_path
         self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
         self.cpu_fallback = cpu_fallback
         self.encoder_calls = 0
@@ -334,7 +348,7 @@ class InteractiveSession:
             logits, iou = self.engine.decode(embedding, points, labels, prompt)
             decoded = time.perf_counter()
 
-            new_patch = logits_to_patch(self.image, roi, logits[0, 0])
+            new_patch = _crop_to_content(logits_to_patch(self.image, roi, logits[0, 0]))
             state = _State(clicks, roi, logits, new_patch)
             self._history = self._history[:self._position + 1] + [state]
             self._position += 1
