@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
-from .roi import MaskPatch, RoiGeometry, extract_roi, logits_to_patch, roi_for_point
+from .roi import (MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image,
+                  roi_for_point)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,7 +53,8 @@ class ClickResult:
     are empty (nothing to write).
     """
     patch: MaskPatch | None
-    reembedded: bool = False
+    reembedded: bool = False          # the encoder ran for this click
+    recentred: bool = False           # the click moved the session to another ROI
     iou: float | None = None
     roi: RoiGeometry | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -348,16 +350,39 @@ class InteractiveSession:
             logits, iou = self.engine.decode(embedding, points, labels, prompt)
             decoded = time.perf_counter()
 
-            new_patch = _crop_to_content(logits_to_patch(self.image, roi, logits[0, 0]))
+            box = positive_box_on_image(self.image, roi, logits)
+            new_patch = None if box is None else _crop_to_content(
+                logits_to_patch(self.image, roi, logits[0, 0], box))
             state = _State(clicks, roi, logits, new_patch)
             self._history = self._history[:self._position + 1] + [state]
             self._position += 1
             patch = _union_patch(previous.patch, new_patch)
             done = time.perf_counter()
         return ClickResult(
-            patch=patch, reembedded=computed or roi != previous.roi, iou=iou, roi=roi,
+            patch=patch, reembedded=computed,
+            recentred=previous.roi is not None and roi != previous.roi, iou=iou, roi=roi,
             timings={"encode": encoded - started, "decode": decoded - encoded,
                      "paste": done - decoded, "total": done - started})
+
+    @property
+    def can_undo(self) -> bool:
+        return self._position > 0
+
+    @property
+    def can_redo(self) -> bool:
+        return self._position < len(self._history) - 1
+
+    def prefetch(self, point, space: str = "ras") -> bool:
+        """Compute (or find cached) the embedding of the ROI a first click at
+        ``point`` would use, so that click then costs one decoder pass; returns
+        whether the encoder ran (False also for a point outside the image: a
+        prefetch is only a hint). (Segment Editor's "Initialize".)"""
+        p_lps = point_to_lps(self.image, point, space)
+        if not is_inside(self.image, p_lps):
+            return False
+        with self.engine._lock:
+            clicks = self._state.clicks + (Click(tuple(float(v) for v in p_lps), True),)
+            return self.engine.embedding(self.image, self._choose_roi(p_lps, clicks))[1]
 
     def _move(self, step: int) -> ClickResult | None:
         target = self._position + step

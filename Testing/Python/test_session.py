@@ -87,9 +87,9 @@ def test_far_click_recentres_the_roi_and_says_so(engine):
     first = session.add_click((32, 32, 60), space="ijk")
     assert first.reembedded
     near = session.add_click((32, 32, 80), space="ijk")
-    assert not near.reembedded and near.roi == first.roi
+    assert not near.reembedded and not near.recentred and near.roi == first.roi
     far = session.add_click((32, 32, 300), space="ijk")
-    assert far.reembedded and far.roi != first.roi
+    assert far.reembedded and far.recentred and far.roi != first.roi
     assert far.roi.contains(np.array(session.clicks[-1].point_lps), margin_voxels=8)
 
 

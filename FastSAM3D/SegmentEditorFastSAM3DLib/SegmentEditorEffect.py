@@ -1,0 +1,328 @@
+import logging
+import os
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+
+from SegmentEditorEffects import *
+
+
+class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
+    """FastSAM3D in the Segment Editor, shaped like "Grow from seeds":
+    Initialize (load model, embed the region in view) -> left click include /
+    right click exclude, live preview -> Apply (through
+    modifySelectedSegmentByLabelmap, so masking, overlap settings and Ctrl+Z
+    work) or Cancel.
+    """
+
+    def __init__(self, scriptedEffect):
+        scriptedEffect.name = "FastSAM3D"  # no tr (modules find effects by name)
+        scriptedEffect.title = _("FastSAM3D")
+        scriptedEffect.perSegment = True
+        scriptedEffect.requireSegments = True
+        AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
+        self.session = None
+        self.previewNode = None
+        self.previewSegmentId = None
+        self._target = None               # (segmentation node, segment ID, source volume) of the preview
+        self._tasks = None
+        self._prompts = None              # display of the clicks (locked point lists)
+        self._consumedRightPress = False
+
+    def clone(self):
+        import qSlicerSegmentationsEditorEffectsPythonQt as effects
+
+        clonedEffect = effects.qSlicerSegmentEditorScriptedEffect(None)
+        clonedEffect.setPythonSource(__file__.replace("\\", "/"))
+        return clonedEffect
+
+    def icon(self):
+        iconPath = os.path.join(os.path.dirname(__file__), "SegmentEditorEffect.png")
+        if os.path.exists(iconPath):
+            return qt.QIcon(iconPath)
+        return qt.QIcon()
+
+    def helpText(self):
+        return "<html>" + _("""Segment the selected segment with FastSAM3D point prompts.<br>
+<ul style="margin: 0">
+<li><b>Initialize</b>: loads the model and computes the image embedding around the centre of the red view
+(optional: the first click does it too).
+<li><b>Left click</b> in a slice view (any orientation): include point. <b>Right click</b>: exclude point.
+The preview updates after each click; only the small decoder runs.
+<li><b>Apply</b> writes the preview into the selected segment (masking and overlap settings apply; undo with Ctrl+Z).
+<b>Cancel</b> discards it.
+</ul>
+With <i>Protect other segments</i> on, voxels of other segments are never taken.</html>""")
+
+    def _logic(self):
+        import FastSAM3D
+        return FastSAM3D.getLogic()
+
+    def _bridge(self):
+        from FastSAM3DLib import slicer_bridge
+        return slicer_bridge
+
+    # -- options panel ----------------------------------------------------------------
+    def setupOptionsFrame(self):
+        import FastSAM3D
+        self._tasks = FastSAM3D.TaskQueue(self._onBusyChanged, self._showError)
+
+        self.initializeButton = qt.QPushButton(_("Initialize"))
+        self.initializeButton.objectName = self.__class__.__name__ + "Initialize"
+        self.initializeButton.setToolTip(_("Load the model and compute the embedding of the region in view."))
+        self.scriptedEffect.addOptionsWidget(self.initializeButton)
+
+        self.undoClickButton = qt.QPushButton(_("Undo click"))
+        self.redoClickButton = qt.QPushButton(_("Redo click"))
+        self.resetButton = qt.QPushButton(_("Reset"))
+        clicksFrame = qt.QHBoxLayout()
+        clicksFrame.addWidget(self.undoClickButton)
+        clicksFrame.addWidget(self.redoClickButton)
+        clicksFrame.addWidget(self.resetButton)
+        self.scriptedEffect.addLabeledOptionsWidget(_("Clicks:"), clicksFrame)
+
+        self.protectCheckBox = qt.QCheckBox(_("Protect other segments"))
+        self.protectCheckBox.setToolTip(_("Never take voxels that already belong to another segment."))
+        self.scriptedEffect.addOptionsWidget(self.protectCheckBox)
+
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.setRange(0, 0)
+        self.progressBar.setTextVisible(False)
+        self.progressBar.setVisible(False)
+        self.scriptedEffect.addOptionsWidget(self.progressBar)
+        self.statusLabel = qt.QLabel()
+        self.statusLabel.wordWrap = True
+        self.scriptedEffect.addOptionsWidget(self.statusLabel)
+
+        self.cancelButton = qt.QPushButton(_("Cancel"))
+        self.cancelButton.objectName = self.__class__.__name__ + "Cancel"
+        self.cancelButton.setToolTip(_("Discard the preview."))
+        self.applyButton = qt.QPushButton(_("Apply"))
+        self.applyButton.objectName = self.__class__.__name__ + "Apply"
+        self.applyButton.setToolTip(_("Write the preview into the selected segment."))
+        finishFrame = qt.QHBoxLayout()
+        finishFrame.addWidget(self.cancelButton)
+        finishFrame.addWidget(self.applyButton)
+        self.scriptedEffect.addOptionsWidget(finishFrame)
+
+        self.initializeButton.connect("clicked()", self.onInitialize)
+        self.undoClickButton.connect("clicked()", lambda: self.runOperation("undo"))
+        self.redoClickButton.connect("clicked()", lambda: self.runOperation("redo"))
+        self.resetButton.connect("clicked()", lambda: self.runOperation("reset"))
+        self.protectCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.cancelButton.connect("clicked()", self.onCancel)
+        self.applyButton.connect("clicked()", self.onApply)
+
+    def createCursor(self, widget):
+        return slicer.util.mainWindow().cursor
+
+    def setMRMLDefaults(self):
+        self.scriptedEffect.setParameterDefault("ProtectOtherSegments", 1)
+
+    def updateGUIFromMRML(self):
+        wasBlocked = self.protectCheckBox.blockSignals(True)
+        self.protectCheckBox.checked = self.scriptedEffect.integerParameter("ProtectOtherSegments") != 0
+        self.protectCheckBox.blockSignals(wasBlocked)
+        active = self.session is not None
+        busy = self._tasks.busy if self._tasks else False
+        self.initializeButton.text = _("Initialized") if active else _("Initialize")
+        self.initializeButton.enabled = not active and not busy
+        self.undoClickButton.enabled = active and self.session.can_undo and not busy
+        self.redoClickButton.enabled = active and not busy
+        self.resetButton.enabled = active and bool(self.session.clicks) and not busy
+        self.applyButton.enabled = active and self.session.touched_box is not None and not busy
+        self.cancelButton.enabled = active
+
+    def updateMRMLFromGUI(self):
+        self.scriptedEffect.setParameter("ProtectOtherSegments", 1 if self.protectCheckBox.checked else 0)
+
+    def activate(self):
+        self.statusLabel.text = _("Left click: include, right click: exclude.")
+
+    def deactivate(self):
+        self.onCancel()
+
+    def cleanup(self):
+        if self._tasks:
+            self._tasks.stop()
+
+    # -- clicks ------------------------------------------------------------------------
+    def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
+        if viewWidget.className() != "qMRMLSliceWidget":
+            return False
+        if callerInteractor.GetShiftKey() or callerInteractor.GetControlKey() or callerInteractor.GetAltKey():
+            return False
+        if eventId == vtk.vtkCommand.RightButtonReleaseEvent and self._consumedRightPress:
+            self._consumedRightPress = False
+            return True                                    # no context menu after an exclude click
+        if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
+            return False
+        positive = eventId == vtk.vtkCommand.LeftButtonPressEvent
+        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
+        self._consumedRightPress = not positive
+        self.addClick(ras, positive)
+        return True
+
+    def _inputs(self):
+        parameterSetNode = self.scriptedEffect.parameterSetNode()
+        return (parameterSetNode.GetSegmentationNode(), parameterSetNode.GetSelectedSegmentID(),
+                parameterSetNode.GetSourceVolumeNode())
+
+    def _ensurePreview(self):
+        """Preview segmentation + session for the selected segment (main thread)."""
+        segmentationNode, segmentId, sourceVolume = self._inputs()
+        if not (segmentationNode and segmentId and sourceVolume):
+            raise ValueError(_("Select a source volume and a segment first."))
+        if self.session is not None and self._target == (segmentationNode, segmentId, sourceVolume):
+            return self.session
+        self.onCancel()
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        preview = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                     segmentationNode.GetName() + " FastSAM3D preview")
+        preview.SetSaveWithScene(False)
+        preview.CreateDefaultDisplayNodes()
+        preview.GetDisplayNode().SetOpacity(0.6)
+        if segmentationNode.GetParentTransformNode():
+            preview.SetAndObserveTransformNodeID(segmentationNode.GetParentTransformNode().GetID())
+        preview.SetReferenceImageGeometryParameterFromVolumeNode(sourceVolume)
+        self.previewSegmentId = preview.GetSegmentation().AddEmptySegment("", segment.GetName() + " preview",
+                                                                         segment.GetColor())
+        self.previewNode = preview
+        engine = self._logic().engine()
+        self.session = self._bridge().SegmentSession(sourceVolume, preview, self.previewSegmentId, engine=engine)
+        self._target = (segmentationNode, segmentId, sourceVolume)
+        self._prompts = self._bridge().PromptPoints(
+            slicer.mrmlScene, None, names=("FastSAM3D effect include", "FastSAM3D effect exclude"))
+        self._prompts.clear()
+        return self.session
+
+    def onInitialize(self):
+        """Load the model; compute the embedding around the centre of the red view."""
+        if not self._requirements():
+            return
+        centre = None
+        layoutManager = slicer.app.layoutManager()
+        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
+        if sliceWidget:
+            sliceToRas = sliceWidget.mrmlSliceNode().GetSliceToRAS()
+            centre = [sliceToRas.GetElement(r, 3) for r in range(3)]
+        self.statusLabel.text = _("Loading the model and computing the embedding...")
+
+        def withEngine(engine):
+            session = self._ensurePreview()
+            if centre is not None and hasattr(session, "prefetch"):
+                self._tasks.wait(self._logic().worker.submit(session.prefetch, centre), self._done)
+            else:
+                self._done(None)
+
+        self._tasks.wait(self._logic().engineFuture(), withEngine)
+
+    def _done(self, _result):
+        self.statusLabel.text = self._logic().deviceDescription()
+        self.updateGUIFromMRML()
+
+    def _requirements(self):
+        try:
+            return self._logic().setupPythonRequirements()
+        except Exception as e:
+            self._showError(e)
+            return False
+
+    def addClick(self, ras, positive):
+        if not self._requirements():
+            return
+        self.runOperation("click", ras, positive)
+
+    def runOperation(self, operation, ras=None, positive=True):
+        def withEngine(engine):
+            session = self._ensurePreview()
+            compute = {"click": lambda: session.compute_click(ras, positive),
+                       "undo": session.compute_undo, "redo": session.compute_redo,
+                       "reset": session.compute_reset}[operation]
+
+            def finished(result):
+                if result is None:
+                    return
+                if operation == "undo":
+                    info = session.apply_undo(result)
+                else:
+                    info = session.apply_click(result, operation)
+                if self._prompts is not None and not self._tasks.busy:
+                    self._prompts.show(session.clicks_ras())
+                t = info.timings
+                self.statusLabel.text = _("{clicks} click(s). Last: {total:.0f} ms (model {engine:.0f} ms, preview {write:.0f} ms)").format(
+                    clicks=info.clicks, total=1000 * t["total"], engine=1000 * t["engine"], write=1000 * t["write"])
+                self.updateGUIFromMRML()
+
+            self._tasks.wait(self._logic().worker.submit(compute), finished)
+
+        if not self._logic().engineReady():
+            self.statusLabel.text = _("Loading the model...")
+        elif self.session is None or not self.session.clicks:
+            self.statusLabel.text = _("Computing the image embedding...")
+        self._tasks.wait(self._logic().engineFuture(), withEngine)
+
+    def addClickSync(self, ras, positive=True):
+        """Blocking click, for tests and scripts."""
+        session = self._ensurePreview()
+        info = session.apply_click(self._logic().worker.submit(session.compute_click, ras, positive).result())
+        self._prompts.show(session.clicks_ras())
+        self.updateGUIFromMRML()
+        return info
+
+    # -- apply / cancel --------------------------------------------------------------------
+    def onApply(self):
+        if self.session is None or self.session.touched_box is None:
+            return
+        segmentationNode, segmentId, sourceVolume = self._target
+        b = self._bridge()
+        start, stop = self.session.touched_box
+        shape = tuple(e - s for s, e in zip(start, stop))
+        mask = b.read_segment(self.previewNode, self.previewSegmentId, sourceVolume, start, shape)
+
+        class Patch:
+            start_kji = start
+            array = mask
+
+        if self.scriptedEffect.parameterSetNode().GetSelectedSegmentID() != segmentId:
+            self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(segmentId)
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+        try:
+            reference = b.geometry.image_to_frame(self.scriptedEffect.defaultModifierLabelmap())
+            box, new = b.writer.modifier_labelmaps(
+                Patch, segmentationNode, segmentId, sourceVolume,
+                protect_others=self.protectCheckBox.checked, reference_to_frame=reference)
+            self.scriptedEffect.saveStateForUndo()
+            mode = slicer.qSlicerSegmentEditorAbstractEffect
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(box, mode.ModificationModeRemove, list(box.GetExtent()))
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(new, mode.ModificationModeAdd, list(new.GetExtent()))
+        finally:
+            qt.QApplication.restoreOverrideCursor()
+        self.onCancel()
+
+    def onCancel(self):
+        if self._prompts is not None:
+            self._prompts.close(remove_nodes=True)
+            self._prompts = None
+        if self.session is not None:
+            self.session.close()
+        self.session = None
+        if self.previewNode is not None and self.previewNode.GetScene() is not None:
+            slicer.mrmlScene.RemoveNode(self.previewNode)
+        self.previewNode = None
+        self.previewSegmentId = None
+        self._target = None
+        if hasattr(self, "applyButton"):
+            self.updateGUIFromMRML()
+
+    # -- status --------------------------------------------------------------------------
+    def _onBusyChanged(self, busy, seconds):
+        self.progressBar.setVisible(busy and seconds > 0.25)
+        self.updateGUIFromMRML()
+
+    def _showError(self, error):
+        logging.error(f"FastSAM3D effect: {error}")
+        self.statusLabel.text = str(error)

@@ -1,0 +1,274 @@
+"""Images in, images out: loading, validation, geometry and atomic writing.
+
+Physical space inside the library is LPS (ITK/SimpleITK, DICOM). Slicer and
+NIfTI tools speak RAS; the two differ by the sign of x and y. Voxel arrays are
+numpy in SimpleITK order (k, j, i); "ijk" points are continuous voxel indices
+(i, j, k) of the image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from .atomic import atomic_output_path, full_suffix
+
+# LPS <-> RAS: negate x and y (the map is its own inverse).
+_LPS_RAS_FLIP = np.array([-1.0, -1.0, 1.0])
+
+# Single-file formats only: a detached header (.mhd, .nhdr) could not be replaced atomically.
+WRITABLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+_COMPLEX_PIXEL_IDS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
+_NON_FINITE_CHECK_SLAB = 64          # slices per pass: bounds the temporary mask's memory
+
+
+class ImageError(ValueError):
+    """An image the library cannot use; the message is one line for the user."""
+
+
+def _one_line(exc: Exception) -> str:
+    """The informative last line of a (multi-line) ITK exception."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# -- validation -----------------------------------------------------------------
+
+def check_volume(image) -> None:
+    """The structural checks of ``validate_image`` (3D, scalar, non-empty, sane
+    geometry) without touching the voxels: cheap on any volume size."""
+    if not isinstance(image, sitk.Image):
+        raise ImageError(f"expected a SimpleITK image, got {type(image).__name__}")
+    size = image.GetSize()
+    if image.GetDimension() == 2:
+        raise ImageError(f"the image is 2D (a single {size[0]}x{size[1]} slice); "
+                         "FastSAM3D segments 3D volumes (for DICOM, load the whole series folder)")
+    if image.GetDimension() != 3:
+        raise ImageError(f"the image is {image.GetDimension()}D (size {'x'.join(map(str, size))}), "
+                         "e.g. a time series; FastSAM3D needs one 3D volume: extract a single frame first")
+    components = image.GetNumberOfComponentsPerPixel()
+    if components != 1:
+        raise ImageError(f"the image has {components} values per voxel (colour or vector image); "
+                         "FastSAM3D needs a grey-value (scalar) volume")
+    if image.GetPixelID() in _COMPLEX_PIXEL_IDS:
+        raise ImageError("the image has complex voxel values; FastSAM3D needs a real-valued "
+                         "(magnitude) volume")
+    if min(size) == 0:
+        raise ImageError(f"the image is empty: size {'x'.join(map(str, size))} voxels")
+    spacing = np.array(image.GetSpacing())
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+    _check_direction(np.array(image.GetDirection()).reshape(3, 3))
+
+
+def _check_direction(direction: np.ndarray) -> None:
+    if not np.all(np.isfinite(direction)) or abs(np.linalg.det(direction)) < 1e-6:
+        raise ImageError("the image's axis directions are degenerate (singular direction matrix)")
+    # Tolerance for directions stored in single precision (NIfTI qform); shears are refused.
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise ImageError("the image's voxel axes are not perpendicular unit vectors (sheared grid); "
+                         "resample it onto a regular grid first")
+
+
+def _count_non_finite(image: sitk.Image) -> int:
+    voxels = sitk.GetArrayViewFromImage(image)
+    return sum(int(np.count_nonzero(~np.isfinite(voxels[k:k + _NON_FINITE_CHECK_SLAB])))
+               for k in range(0, voxels.shape[0], _NON_FINITE_CHECK_SLAB))
+
+
+def validate_image(image) -> sitk.Image:
+    """A 3D scalar float32 image with the geometry of ``image``; ImageError otherwise."""
+    check_volume(image)
+    if image.GetPixelID() != sitk.sitkFloat32:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    bad = _count_non_finite(image)
+    if bad:
+        total = int(np.prod(image.GetSize()))
+        raise ImageError(f"the image has {bad} of {total} voxels that are NaN or infinite; "
+                         "fix or mask them before segmenting")
+    return image
+
+
+# -- loading ----------------------------------------------------------------------
+
+def _read_dicom_folder(folder: Path) -> sitk.Image:
+    reader = sitk.ImageSeriesReader()
+    # GDCM prints a warning for a folder without DICOM; the ImageError below says it once.
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
+    if not series:
+        raise ImageError(f"no DICOM series found in the folder {folder}")
+    files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
+    # A folder may also hold scouts or derived series: the largest is the volume.
+    reader.SetFileNames(max(files.values(), key=len))
+    try:
+        return reader.Execute()
+    except RuntimeError as exc:
+        raise ImageError(f"cannot read the DICOM series in {folder}: {_one_line(exc)}") from None
+
+
+def load_image(path) -> sitk.Image:
+    """A validated float32 volume from a file SimpleITK reads (NIfTI, NRRD, MHA,
+    ...) or from a DICOM series folder (the largest series if several)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"image not found: {path}")
+    if path.is_dir():
+        image = _read_dicom_folder(path)
+    else:
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            raise ImageError(f"{path.name} is not an image file FastSAM3D can read "
+                             "(expected NIfTI, NRRD, MHA, DICOM, ...)") from None
+    try:
+        return validate_image(image)
+    except ImageError as exc:
+        raise ImageError(f"{path.name}: {exc}") from None
+
+
+# -- construction -------------------------------------------------------------------
+
+def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                     direction=None, space: str = "LPS") -> sitk.Image:
+    """A validated float32 image from a (k, j, i) array and its geometry.
+
+    ``direction`` is 3x3 (or 9 numbers, row-major) whose columns are the i, j, k
+    axis directions; with ``space="RAS"`` origin and direction are in RAS.
+    """
+    array = np.asarray(array_kji)
+    if array.ndim != 3:
+        raise ImageError(f"expected a 3D voxel array (k, j, i), got shape {array.shape}")
+    if array.size == 0:
+        raise ImageError(f"the voxel array is empty: shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) \
+            or np.issubdtype(array.dtype, np.complexfloating):
+        raise ImageError(f"voxel values must be real numbers, got {array.dtype}")
+    spacing = np.asarray(spacing, dtype=float)
+    origin = np.asarray(origin, dtype=float)
+    direction = np.eye(3) if direction is None else np.asarray(direction, dtype=float)
+    if spacing.shape != (3,) or origin.shape != (3,) or direction.size != 9:
+        raise ImageError("spacing and origin need 3 numbers and direction a 3x3 matrix")
+    direction = direction.reshape(3, 3)
+    if space.upper() == "RAS":
+        origin = _LPS_RAS_FLIP * origin
+        direction = _LPS_RAS_FLIP[:, None] * direction
+    elif space.upper() != "LPS":
+        raise ImageError(f"unknown coordinate space {space!r}: use 'LPS' or 'RAS'")
+    if not np.all(np.isfinite(origin)):
+        raise ImageError(f"the image origin {tuple(origin)} is not a finite point")
+    if not np.all(np.isfinite(spacing) & (spacing > 0)):
+        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+    _check_direction(direction)
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(origin.tolist())
+    image.SetDirection(direction.ravel().tolist())
+    return validate_image(image)
+
+
+def image_from_ijk_to_ras(array_kji, ijk_to_ras) -> sitk.Image:
+    """An image from Slicer's IJK-to-RAS matrix (columns = direction * spacing,
+    last column = origin), kept exactly: oblique and left-handed included."""
+    matrix = np.asarray(ijk_to_ras, dtype=float)
+    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
+        raise ImageError(f"the IJK-to-RAS matrix must be 4x4 and finite, got shape {matrix.shape}")
+    if not np.allclose(matrix[3], [0, 0, 0, 1]):
+        raise ImageError("the IJK-to-RAS matrix is not affine (last row must be 0 0 0 1)")
+    spacing = np.linalg.norm(matrix[:3, :3], axis=0)
+    if np.any(spacing == 0):
+        raise ImageError("the IJK-to-RAS matrix is singular (a voxel axis has zero length)")
+    return image_from_array(array_kji, spacing=spacing, origin=matrix[:3, 3],
+                            direction=matrix[:3, :3] / spacing, space="RAS")
+
+
+# -- geometry -------------------------------------------------------------------------
+
+def _index_to_lps_affine(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(A, origin) with lps = A @ ijk + origin."""
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return direction * np.array(image.GetSpacing()), np.array(image.GetOrigin())
+
+
+def ijk_to_ras_matrix(image: sitk.Image) -> np.ndarray:
+    """Slicer's 4x4 IJK-to-RAS matrix of the image."""
+    linear, origin = _index_to_lps_affine(image)
+    matrix = np.eye(4)
+    matrix[:3, :3] = _LPS_RAS_FLIP[:, None] * linear
+    matrix[:3, 3] = _LPS_RAS_FLIP * origin
+    return matrix
+
+
+def _points(points) -> np.ndarray:
+    points = np.asarray(points, dtype=float)
+    if points.shape[-1:] != (3,):
+        raise ImageError(f"expected 3D point(s) with shape (..., 3), got shape {points.shape}")
+    return points
+
+
+def lps_to_ras(points) -> np.ndarray:
+    return _points(points) * _LPS_RAS_FLIP
+
+
+def ras_to_lps(points) -> np.ndarray:
+    return _points(points) * _LPS_RAS_FLIP
+
+
+def point_to_lps(image: sitk.Image, point, space: str = "ras") -> np.ndarray:
+    """One point given in "ras", "lps" or "ijk" (continuous (i, j, k)) -> LPS (3,)."""
+    p = np.asarray(point, dtype=float)
+    if p.shape != (3,) or not np.all(np.isfinite(p)):
+        raise ImageError(f"a point needs 3 finite coordinates, got {point!r}")
+    space = space.lower()
+    if space == "lps":
+        return p
+    if space == "ras":
+        return ras_to_lps(p)
+    if space == "ijk":
+        linear, origin = _index_to_lps_affine(image)
+        return linear @ p + origin
+    raise ImageError(f"unknown coordinate space {space!r}: use 'ras', 'lps' or 'ijk'")
+
+
+def lps_to_continuous_index(image: sitk.Image, p_lps) -> np.ndarray:
+    """LPS point(s) (..., 3) -> continuous voxel index (i, j, k) (..., 3)."""
+    linear, origin = _index_to_lps_affine(image)
+    return (_points(p_lps) - origin) @ np.linalg.inv(linear).T
+
+
+def is_inside(image: sitk.Image, p_lps):
+    """Whether the LPS point lies within the voxel grid, the outer half voxel
+    included (bool; an array of bools for (..., 3) points)."""
+    index = lps_to_continuous_index(image, p_lps)
+    tolerance = 1e-6           # a click exactly on the border stays inside despite rounding
+    upper = np.array(image.GetSize()) - 0.5
+    inside = np.all((index >= -0.5 - tolerance) & (index <= upper + tolerance), axis=-1)
+    return bool(inside) if inside.ndim == 0 else inside
+
+
+# -- writing ---------------------------------------------------------------------------
+
+def write_image_atomic(image: sitk.Image, path) -> None:
+    """Write ``image`` to ``path`` whole or not at all (temporary file + rename)."""
+    if not isinstance(image, sitk.Image):
+        raise ImageError(f"expected a SimpleITK image to write, got {type(image).__name__}")
+    path = Path(path)
+    if full_suffix(path).lower() not in WRITABLE_SUFFIXES:
+        raise ImageError(f"cannot write {path.name}: use one of the extensions "
+                         f"{', '.join(WRITABLE_SUFFIXES)} (or .seg.nrrd)")
+    if not path.parent.is_dir():
+        raise ImageError(f"the output folder does not exist: {path.parent}")
+    try:
+        with atomic_output_path(path) as temporary:
+            sitk.WriteImage(image, temporary, True)
+    except (RuntimeError, OSError) as exc:
+        raise ImageError(f"could not write {path}: {_one_line(exc)}") from None

@@ -1,0 +1,185 @@
+"""FastSAM3D.py's logic class on real MRML, with a minimal stand-in for the Qt
+parts of Slicer (qt.QSettings, ScriptedLoadableModule base classes, i18n,
+parameterNodeWrapper, slicer.app). Only the logic is exercised: the widget and
+the effect need real Slicer (see FastSAM3DTest / SegmentEditorFastSAM3DTest).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+import unittest
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")
+
+from mrml_env import (CT_ABDOMEN, SPINE_T2, load_volume, make_mrml_env,  # noqa: E402
+                      new_segmentation)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _shim_modules(settings_dir):
+    """sys.modules entries that stand in for Slicer's Qt-dependent Python."""
+    qt = types.ModuleType("qt")
+
+    class QSettings:
+        store = {}
+
+        def value(self, key, default=None):
+            return self.store.get(key, default)
+
+        def setValue(self, key, value):
+            self.store[key] = value
+    qt.QSettings = QSettings
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+    class ScriptedLoadableModule:
+        def __init__(self, parent):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:
+        def __init__(self, parent=None):
+            self.moduleName = type(self).__name__.removesuffix("Logic")
+
+        def getParameterNode(self):
+            node = slicer.mrmlScene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
+            if node is None:
+                node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+                node.SetSingletonTag(self.moduleName)
+            return node
+
+    class ScriptedLoadableModuleTest(unittest.TestCase):
+        pass
+    for cls in (ScriptedLoadableModule, ScriptedLoadableModuleWidget, ScriptedLoadableModuleLogic,
+                ScriptedLoadableModuleTest):
+        setattr(slm, cls.__name__, cls)
+    slm.__all__ = [c.__name__ for c in (ScriptedLoadableModule, ScriptedLoadableModuleWidget,
+                                        ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest)]
+
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+
+    app = types.SimpleNamespace(slicerUserSettingsFilePath=str(Path(settings_dir) / "Slicer.ini"),
+                                defaultScenePath=str(settings_dir), testingEnabled=lambda: True)
+    return {"qt": qt, "slicer.ScriptedLoadableModule": slm, "slicer.i18n": i18n,
+            "slicer.parameterNodeWrapper": pnw}, app
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    try:
+        import FastSAM3DLib.session  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"FastSAM3DLib.session not importable yet: {e}")
+    modules, app = _shim_modules(tmp_path)
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    monkeypatch.setattr(slicer, "ScriptedLoadableModule", modules["slicer.ScriptedLoadableModule"], raising=False)
+    monkeypatch.setattr(slicer, "i18n", modules["slicer.i18n"], raising=False)
+    monkeypatch.setattr(slicer, "parameterNodeWrapper", modules["slicer.parameterNodeWrapper"], raising=False)
+    spec = importlib.util.spec_from_file_location("FastSAM3D", ROOT / "FastSAM3D" / "FastSAM3D.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "FastSAM3D", mod)
+    spec.loader.exec_module(mod)
+    yield mod
+    if mod._sharedLogic is not None:
+        mod._sharedLogic.closeAllSessions()
+        if mod._sharedLogic._worker is not None:
+            mod._sharedLogic._worker.shutdown(wait=True)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path):
+    from FastSAM3DLib.checkpoint import save_model
+    from FastSAM3DLib.model import EncoderConfig, ModelConfig, Sam3D
+    import torch
+    torch.manual_seed(0)
+    config = ModelConfig(name="tiny-logic", encoder=EncoderConfig(
+        img_size=64, embed_dim=48, depth=2, num_heads=2, window_size=0, global_attn_indexes=(),
+        attention_free_blocks=1, block_formula="fastsam3d"))
+    model = Sam3D(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(0.5)
+    path = tmp_path / "tiny.safetensors"
+    save_model(model, path)
+    return path
+
+
+def centre(volume, ijk):
+    from FastSAM3DLib.slicer_bridge import world_ijk_to_ras
+    return (world_ijk_to_ras(volume) @ np.array([*ijk, 1.0]))[:3]
+
+
+def test_logic_clicks_undo_neighbours_export(module, tiny_weights, tmp_path):
+    import SimpleITK as sitk
+    from FastSAM3DLib.slicer_bridge import read_segment
+    scene, logics = make_mrml_env()
+    vol = load_volume(logics, SPINE_T2, "t2")
+    seg, (a, b) = new_segmentation(scene, vol, ("a", "b"))
+    logic = module.getLogic()
+    assert logic is module.getLogic()
+    # import the weights as a user would; the model choice is remembered
+    entry = logic.importModel(tiny_weights)
+    assert Path(entry.value).parent == tmp_path / "FastSAM3D" / "models"
+    assert entry.value in [e.value for e in logic.availableModels()]
+    logic.setModel(entry.value)
+    logic.setDevice("cpu")
+    assert module.qt.QSettings().value("FastSAM3D/Model") == entry.value
+    assert not logic.engineReady()
+
+    info = logic.addClick(vol, seg, a, centre(vol, (30, 27, 26)))
+    assert logic.engineReady() and info.reembedded and info.clicks == 1
+    assert "CPU" in logic.deviceDescription() and logic.runsOnCpu()
+    n1 = int(read_segment(seg, a, vol).sum())
+    logic.addClick(vol, seg, a, centre(vol, (33, 27, 26)), positive=False)
+    n2 = int(read_segment(seg, a, vol).sum())
+    assert logic.undo(vol, seg, a).operation == "undo"
+    assert read_segment(seg, a, vol).sum() == n1
+    logic.redo(vol, seg, a)
+    assert read_segment(seg, a, vol).sum() == n2
+
+    finished = read_segment(seg, a, vol).copy()
+    logic.addClick(vol, seg, b, centre(vol, (35, 27, 26)))
+    np.testing.assert_array_equal(read_segment(seg, a, vol), finished)
+    assert not np.any(read_segment(seg, b, vol) & finished)
+
+    out = tmp_path / "labels.nrrd"
+    export = logic.exportLabelmap(seg, vol, str(out))
+    assert export.labels == {1: "a", 2: "b"} and sitk.ReadImage(str(out)).GetSize() == (60, 55, 52)
+
+    # a new model or device drops the engine and the sessions (their clicks belong to the old model)
+    logic.setDevice("auto")
+    assert not logic.engineReady() and logic.getSession(vol, seg, a, create=False) is None
+    logic.closeAllSessions()
+    assert scene.GetFirstNodeByName("FastSAM3D writer") is None
+
+
+def test_requirements_file_and_already_installed(module):
+    logic = module.getLogic()
+    reqs = logic._requirements()
+    assert reqs and all(not r.startswith("torch") for r in reqs)
+    # torch and safetensors are installed here: nothing to install, no dialog, no pip
+    assert logic.setupPythonRequirements(askConfirmation=True) is True
+    assert logic._requirementsChecked
+
+
+def test_default_export_directory(module):
+    scene, logics = make_mrml_env()
+    vol = load_volume(logics, CT_ABDOMEN, "ct")
+    assert module.FastSAM3DLogic.defaultExportDirectory(vol) == str(CT_ABDOMEN.parent)
