@@ -115,6 +115,14 @@ def extract_roi(image: sitk.Image, roi: RoiGeometry) -> np.ndarray:
     return normalize_intensity(resample_roi(image, roi))
 
 
+def label_on_roi(label: sitk.Image, roi: RoiGeometry) -> np.ndarray:
+    """An integer label map on the ROI grid (nearest neighbour, 0 outside the
+    label image), in tensor-axis order like ``extract_roi``: training targets."""
+    resampled = sitk.Resample(label, roi.reference_image(), sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                              label.GetPixelID())
+    return np.ascontiguousarray(sitk.GetArrayFromImage(resampled).transpose(2, 1, 0))
+
+
 # -- model -> image ------------------------------------------------------------------
 
 @dataclass(eq=False)
