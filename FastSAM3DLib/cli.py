@@ -9,6 +9,9 @@ import time
 import warnings
 from pathlib import Path
 
+# The training time budget (--max-minutes) counts from the start of the command.
+_STARTED = time.monotonic()
+
 SPACE_HELP = ("coordinate system of the points: 'ras' = Slicer world coordinates "
               "(Right-Anterior-Superior, mm), 'lps' = DICOM/ITK coordinates (mm), "
               "'ijk' = voxel index (i, j, k) of the image, counted from 0")
@@ -49,7 +52,7 @@ class _ClickAction(argparse.Action):
 def _objects_from_args(args) -> list[dict]:
     if args.prompts:
         try:
-            spec = json.loads(Path(args.prompts).read_text())
+            spec = json.loads(Path(args.prompts).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"cannot read the prompts file {args.prompts}: {exc}") from None
         space = spec.get("space", args.space)
@@ -185,7 +188,147 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     _model_options(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    tr = sub.add_parser(
+        "train", help="train a model with simulated clicks (resumable, torchrun for several GPUs)",
+        description="Interactive training as SAM-Med3D trains: per sample several simulated click steps "
+                    "with the previous logits fed back. Writes OUT/checkpoint.pt, OUT/metrics.jsonl and "
+                    "OUT/model.safetensors (fp16). Several GPUs: torchrun --nproc_per_node N -m "
+                    "FastSAM3DLib.cli train ...",
+        epilog="Example: fastsam3d train --data data/MANIFEST.json --out runs/a --steps 4000 "
+               "--max-minutes 9 --resume")
+    tr.add_argument("--model-config", metavar="NAME",
+                    help="architecture to train: 'default' (the compact 6-block model), 'fastsam3d', "
+                         "'sam-med3d' or 'fastsam3d-teacher' (default: the one stored in --init, else "
+                         "'default')")
+    tr.add_argument("--init", action="append", default=[], metavar="WEIGHTS",
+                    help="start from these weights (repeatable; a later file replaces whole parts — image "
+                         "encoder, prompt encoder, mask decoder — of earlier ones; parts no file holds "
+                         "start fresh)")
+    tr.add_argument("--decoder-lr-scale", type=float,
+                    help="learning-rate multiplier of the prompt encoder and mask decoder (default: 0.1 "
+                         "when --init supplies a decoder, as FastSAM3D fine-tunes, else 1)")
+    tr.add_argument("--min-clicks", type=int, default=6, help="fewest click steps per sample (default 6)")
+    tr.add_argument("--max-clicks", type=int, default=11, help="most click steps per sample (default 11)")
+    _training_options(tr, steps=4000, lr=8e-4)
+    tr.set_defaults(func=cmd_train)
+
+    di = sub.add_parser(
+        "distill", help="distil a smaller encoder from a teacher (layer-wise progressive, resumable)",
+        description="Layer-wise progressive distillation (FastSAM3D, section 2.2): student block i matches "
+                    "teacher block 2i with k = ceil(t L_s / T) active blocks, then the final embedding and "
+                    "the decoder logits. Writes the student as OUT/model.safetensors (fp16), with the "
+                    "teacher's prompt encoder and mask decoder.",
+        epilog="Example: fastsam3d distill --teacher sam-med3d --teacher-weights sam_med3d_turbo.pth "
+               "--data data/MANIFEST.json --out runs/student --steps 3000 --max-minutes 9 --resume")
+    di.add_argument("--teacher", required=True,
+                    help="teacher: a weights file (.safetensors/.pth; architecture detected), or an "
+                         "architecture name ('sam-med3d', 'fastsam3d-teacher', 'fastsam3d') with "
+                         "--teacher-weights")
+    di.add_argument("--teacher-weights", action="append", default=[], metavar="WEIGHTS",
+                    help="weights of a named teacher architecture (repeatable, merged by parts)")
+    di.add_argument("--student-config", metavar="NAME",
+                    help="student architecture: 'default' (the compact 6-block model), 'fastsam3d', ... "
+                         "(default: the one stored in --init, else 'default')")
+    di.add_argument("--init", action="append", default=[], metavar="WEIGHTS",
+                    help="start the student from these weights (its prompt encoder and decoder are always "
+                         "taken from the teacher)")
+    di.add_argument("--layerwise-fraction", type=float, default=0.7,
+                    help="share of the steps spent on layer-wise alignment before the final-output stage "
+                         "(default 0.7)")
+    di.add_argument("--train-decoder", action="store_true",
+                    help="also train the student's prompt encoder and mask decoder (default: frozen "
+                         "copies of the teacher's)")
+    di.add_argument("--decoder-lr-scale", type=float, default=0.1,
+                    help="learning-rate multiplier of the decoder with --train-decoder (default 0.1)")
+    di.add_argument("--embedding-weight", type=float, default=1.0,
+                    help="weight of the final-embedding MSE in the output stage (default 1)")
+    di.add_argument("--logit-weight", type=float, default=1.0,
+                    help="weight of the decoder-logit KL in the output stage (default 1)")
+    di.add_argument("--min-clicks", type=int, default=2,
+                    help="fewest click steps per sample in the logit stage (default 2)")
+    di.add_argument("--max-clicks", type=int, default=5,
+                    help="most click steps per sample in the logit stage (default 5)")
+    _training_options(di, steps=3000, lr=8e-4)
+    di.set_defaults(func=cmd_distill)
     return parser
+
+
+def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    """Options shared by train and distill: data, loop, budget, devices."""
+    parser.add_argument("--data", action="append", default=[], metavar="MANIFEST_OR_FOLDER",
+                        help="training data: a MANIFEST.json (or a folder holding one) or an nnU-Net folder "
+                             "(imagesTr/, labelsTr/); repeatable. None: synthetic volumes only")
+    parser.add_argument("--synthetic-ratio", type=float, default=0.5,
+                        help="share of synthetic volumes among the samples (default 0.5)")
+    parser.add_argument("--val-case", action="append", default=[], metavar="NAME",
+                        help="case kept out of training (repeatable)")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder: checkpoint.pt, metrics.jsonl, model.safetensors")
+    parser.add_argument("--steps", type=int, default=steps, help=f"optimiser steps in all (default {steps})")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per step and process (default 4)")
+    parser.add_argument("--lr", type=float, default=lr, help=f"peak learning rate of AdamW (default {lr})")
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default 0.1)")
+    parser.add_argument("--warmup-steps", type=int, default=100,
+                        help="linear warm-up steps before the cosine decay (default 100)")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.01,
+                        help="final learning rate as a fraction of --lr (default 0.01)")
+    parser.add_argument("--grad-clip", type=float, default=1.0,
+                        help="gradient-norm clipping, 0 = off (default 1.0)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="time budget: save a checkpoint and exit cleanly before it runs out")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/checkpoint.pt when it exists (else start)")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="steps between checkpoints (default 250)")
+    parser.add_argument("--log-every", type=int, default=10, help="steps between metrics lines (default 10)")
+    parser.add_argument("--workers", type=int, default=6,
+                        help="data-loading processes per GPU/process (default 6)")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of data, clicks and augmentation")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where training runs (auto = the GPU if there is one)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_config(args):
+    from .training.loop import RunConfig
+    return RunConfig(
+        out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, max_minutes=args.max_minutes, resume=args.resume, device=args.device,
+        seed=args.seed, checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+        workers=args.workers, progress=not args.no_progress, started=_STARTED)
+
+
+def _data_config(args):
+    from .training.train import DataConfig
+    return DataConfig(sources=tuple(args.data), synthetic_ratio=args.synthetic_ratio,
+                      val_cases=tuple(args.val_case))
+
+
+def cmd_train(args) -> int:
+    from .training.train import InteractionConfig, TrainConfig, train
+
+    config = TrainConfig(run=_run_config(args), data=_data_config(args),
+                         interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks),
+                         model_config=args.model_config, init=tuple(args.init),
+                         decoder_lr_scale=args.decoder_lr_scale)
+    train(config)
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from .training.distill import DistillConfig, distill
+    from .training.train import InteractionConfig
+
+    config = DistillConfig(run=_run_config(args), data=_data_config(args), teacher=args.teacher,
+                           teacher_weights=tuple(args.teacher_weights), student_config=args.student_config,
+                           init=tuple(args.init), layerwise_fraction=args.layerwise_fraction,
+                           train_decoder=args.train_decoder, decoder_lr_scale=args.decoder_lr_scale,
+                           embedding_weight=args.embedding_weight, logit_weight=args.logit_weight,
+                           interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks))
+    distill(config)
+    return 0
 
 
 def _model_options(parser: argparse.ArgumentParser) -> None:

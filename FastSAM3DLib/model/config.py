@@ -110,3 +110,21 @@ FASTSAM3D = ModelConfig(
 NAMED_CONFIGS: dict[str, ModelConfig] = {
     c.name: c for c in (SAM_MED3D, FASTSAM3D_TEACHER, FASTSAM3D)
 }
+
+# The project's own compact model: FastSAM3D's layout (2 attention-free + 4
+# global-attention blocks, FastSAM3D block formula) at a third of the width, so
+# the fp16 weights stay small enough to ship; prompt encoder and decoder are
+# unchanged (384 wide), so a SAM-Med3D / FastSAM3D decoder can initialise it.
+DEFAULT_COMPACT = ModelConfig(
+    name="default",
+    encoder=EncoderConfig(
+        embed_dim=256,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=4.0,
+        window_size=0,
+        global_attn_indexes=(),
+        attention_free_blocks=2,
+        block_formula="fastsam3d",
+    ),
+)

@@ -1,0 +1,103 @@
+"""Simulated clicks for training, vectorised over the batch on the training device.
+
+SAM-Med3D trains with a sequence of click steps per sample: the first click
+lies in the target, every later click in the error of the current prediction
+(a voxel of fn is a positive click, a voxel of fp a negative one), the
+previous low-res logits are fed back as the mask prompt, and at one middle
+step and the last step no click is added, so the model also learns to refine
+from its own mask alone. ``FastSAM3DLib.clicks`` implements the evaluation
+rules with distance transforms on the CPU; here a click is drawn uniformly
+from the error region (the "random" rule), optionally from its eroded core
+(closer to the RITM rule's "deep inside the largest error"), with one random
+number per voxel and an argmax, so a whole batch costs a few GPU kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ClickPlan:
+    """The click schedule of one iteration, the same for every sample and rank
+    (so all ranks do the same amount of work per step)."""
+    steps: int
+    silent_steps: frozenset[int]        # steps that add no click (mask prompt only)
+
+    def adds_click(self, step: int) -> bool:
+        return step not in self.silent_steps
+
+
+def make_click_plan(min_steps: int, max_steps: int, generator: torch.Generator) -> ClickPlan:
+    """``steps`` uniform in [min_steps, max_steps]; the first step always clicks;
+    with 3 or more steps one random middle step and the last step are silent."""
+    if not 1 <= min_steps <= max_steps:
+        raise ValueError(f"click steps must satisfy 1 <= min <= max, got {min_steps}..{max_steps}")
+    steps = int(torch.randint(min_steps, max_steps + 1, (), generator=generator))
+    if steps < 3:
+        return ClickPlan(steps, frozenset())
+    middle = int(torch.randint(1, steps - 1, (), generator=generator))
+    return ClickPlan(steps, frozenset({middle, steps - 1}))
+
+
+def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary erosion of (B, 1, D, H, W) with a cube of side 2 radius + 1
+    (outside the volume does not erode): a voxel stays where the mean over
+    the cube is 1. The cube mean is separable, three 1-D box filters, and
+    average pooling is several times faster than a 3-D max pool on the CPU."""
+    kernel = 2 * radius + 1
+    x = mask.float()
+    for shape in ((kernel, 1, 1), (1, kernel, 1), (1, 1, kernel)):
+        x = F.avg_pool3d(x, shape, stride=1, padding=tuple(k // 2 for k in shape), count_include_pad=False)
+    return x > 1 - 1e-4
+
+
+def _any_per_sample(mask: torch.Tensor) -> torch.Tensor:
+    return mask.flatten(1).any(1).view(-1, *([1] * (mask.dim() - 1)))
+
+
+def sample_clicks(pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
+                  interior_prob: float = 0.5, interior_radius: int = 2
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One corrective click per sample.
+
+    pred, target: (B, 1, D, H, W) bool. Returns coordinates (B, 3) int64 in
+    tensor-axis order and labels (B,) int64 (1 = positive, 0 = negative).
+    The click is a uniform voxel of fn ∪ fp; with probability ``interior_prob``
+    of the eroded fn ∪ fp (fn and fp eroded separately) when that is not
+    empty. A sample without error gets a positive click in its target, and an
+    empty target a negative click anywhere, so every sample always has a click.
+    """
+    target = target.bool()
+    pred = pred.bool()
+    fn, fp = target & ~pred, ~target & pred
+    region = fn | fp
+    region = torch.where(_any_per_sample(region), region, target)
+    region = torch.where(_any_per_sample(region), region, torch.ones_like(region))
+    if interior_prob > 0:
+        chosen = torch.flatten(torch.nonzero(
+            torch.rand(pred.shape[0], generator=generator, device=pred.device) < interior_prob))
+        if chosen.numel():
+            eroded = erode(torch.cat([fn[chosen], fp[chosen]]), interior_radius)
+            core = (eroded[:chosen.numel()] | eroded[chosen.numel():]) & region[chosen]
+            region = region.clone()
+            region[chosen] = torch.where(_any_per_sample(core), core, region[chosen])
+    scores = torch.rand(region.shape, generator=generator, device=region.device)
+    flat_index = torch.where(region, scores, -1.0).flatten(1).argmax(1)
+    size = region.shape[2:]
+    coords = torch.stack([flat_index // (size[1] * size[2]), (flat_index // size[2]) % size[1],
+                          flat_index % size[2]], dim=1)
+    labels = target.flatten(1).gather(1, flat_index[:, None]).squeeze(1).long()
+    return coords, labels
+
+
+def decode_fp32(model, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
+                mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model.decode`` in float32 even inside a bf16 autocast region, as the
+    engine runs the decoder: bf16 would round the Fourier features of the
+    click coordinates (sines of arguments up to ~20) by a tenth of a radian."""
+    with torch.autocast(embedding.device.type, enabled=False):
+        return model.decode(embedding.float(), points, labels, mask_prompt.float())

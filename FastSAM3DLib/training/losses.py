@@ -1,0 +1,53 @@
+"""Losses of interactive training and distillation (computed in fp32)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per sample, averaged over the batch; logits and target (B, 1, ...)."""
+    prob = torch.sigmoid(logits.float()).flatten(1)
+    target = target.float().flatten(1)
+    overlap = (prob * target).sum(1)
+    return (1 - (2 * overlap + eps) / (prob.sum(1) + target.sum(1) + eps)).mean()
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice + binary cross-entropy: Dice keeps small targets from being ignored,
+    BCE gives every voxel a gradient even when the prediction is far off."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    return soft_dice_loss(logits, target) + bce
+
+
+def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice of binary masks per sample (B,); 1 where both are empty."""
+    pred, target = pred.flatten(1).float(), target.flatten(1).float()
+    total = pred.sum(1) + target.sum(1)
+    return torch.where(total > 0, 2 * (pred * target).sum(1) / total.clamp_min(1), 1.0)
+
+
+def hard_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of binary masks per sample (B,); 1 where both are empty."""
+    pred, target = pred.flatten(1).bool(), target.flatten(1).bool()
+    union = (pred | target).sum(1).float()
+    return torch.where(union > 0, (pred & target).sum(1).float() / union.clamp_min(1), 1.0)
+
+
+def relative_mse(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """MSE divided by the teacher's mean square: pre-norm teachers' residual
+    streams grow block by block, and plain MSE would let the deepest matched
+    layer drown the others."""
+    teacher = teacher.float()
+    return F.mse_loss(student.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-6)
+
+
+def sigmoid_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean per-voxel KL(teacher || student) of the Bernoulli distributions the
+    logits define. Unlike MSE on logits it does not chase the exact value of
+    confidently-decided voxels (|logit| >> 1), where the mask cannot change."""
+    teacher_prob = torch.sigmoid(teacher_logits.float())
+    cross_entropy = F.binary_cross_entropy_with_logits(student_logits.float(), teacher_prob)
+    teacher_entropy = F.binary_cross_entropy_with_logits(teacher_logits.float(), teacher_prob)
+    return cross_entropy - teacher_entropy

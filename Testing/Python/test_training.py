@@ -1,0 +1,245 @@
+"""Interactive training: clicks, losses, the loop, the time budget, resume and DDP.
+
+Tiny models (a 2-block encoder and a narrow decoder) on 128^3 crops keep every
+test to seconds of CPU time per step.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from FastSAM3DLib.checkpoint import read_checkpoint, save_model
+from FastSAM3DLib.cli import main
+from FastSAM3DLib.model import DecoderConfig, EncoderConfig, ModelConfig, Sam3D
+from FastSAM3DLib.model.config import DEFAULT_COMPACT
+from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks
+from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
+                                        RunConfig, learning_rate_factor, run)
+from FastSAM3DLib.training.losses import dice_bce_loss, hard_dice
+from FastSAM3DLib.training.train import DataConfig, InteractionConfig, TrainConfig, build_training
+
+TINY = ModelConfig(
+    name="tiny",
+    encoder=EncoderConfig(embed_dim=48, depth=2, num_heads=2, out_chans=48, window_size=0,
+                          global_attn_indexes=(), attention_free_blocks=1, block_formula="fastsam3d"),
+    prompt_embed_dim=48,
+    decoder=DecoderConfig(transformer_mlp_dim=96, transformer_heads=4, iou_head_hidden_dim=32))
+
+# The eroded-core clicks are covered by their own test; on the CPU they cost
+# more than the tiny model itself.
+FEW_CLICKS = InteractionConfig(min_steps=2, max_steps=3, interior_prob=0.0)
+
+
+@pytest.fixture(scope="module")
+def train_data(shared_data) -> Path:
+    path = shared_data / "train"
+    if not (path / "MANIFEST.json").is_file():
+        pytest.skip(f"no training manifest in {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> Path:
+    """A randomly initialised tiny model: --init takes its configuration from the file."""
+    path = tmp_path_factory.mktemp("init") / "tiny.safetensors"
+    torch.manual_seed(0)
+    save_model(Sam3D(TINY), path)
+    return path
+
+
+class OneSample(torch.utils.data.Dataset):
+    """The same sphere in noise at every index: something to overfit."""
+
+    def __getitem__(self, index):
+        axis = torch.arange(128.0)
+        distance = ((axis[:, None, None] - 60) ** 2 + (axis[None, :, None] - 70) ** 2
+                    + (axis[None, None, :] - 64) ** 2)
+        target = (distance < 18 ** 2).float()
+        noise = torch.randn(128, 128, 128, generator=torch.Generator().manual_seed(0))
+        return (2 * target + 0.5 * noise)[None], target[None]
+
+
+def no_augmentation(images, targets, generator):
+    return images, targets
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_NAME).read_text(encoding="utf-8").splitlines()]
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def test_compact_default_config_is_small():
+    assert DEFAULT_COMPACT.name == "default"
+    encoder = DEFAULT_COMPACT.encoder
+    assert (encoder.embed_dim, encoder.depth, encoder.num_heads, encoder.attention_free_blocks) == (256, 6, 4, 2)
+    assert DEFAULT_COMPACT.prompt_embed_dim == 384
+    parameters = sum(p.numel() for p in Sam3D(DEFAULT_COMPACT).parameters())
+    assert parameters * 2 < 45e6             # fp16 bytes; measured 34.2 MB with metadata
+
+
+def test_clicks_land_in_the_error_with_the_right_label():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.zeros(3, 1, 32, 32, 32, dtype=torch.bool)
+    target[:, :, 8:20, 8:20, 8:20] = True
+    pred = torch.zeros_like(target)
+    pred[1] = target[1]                                  # perfect: a positive click in the target
+    pred[2, :, 8:20, 8:20, 8:26] = True                  # false alarm only: a negative click there
+    pred[2, :, 8:20, 8:20, 8:20] = True
+    for interior in (0.0, 1.0):
+        for _ in range(5):
+            coords, labels = sample_clicks(pred, target, generator, interior_prob=interior)
+            a, b, c = coords[0].tolist()
+            assert target[0, 0, a, b, c] and labels[0] == 1
+            a, b, c = coords[1].tolist()
+            assert target[1, 0, a, b, c] and labels[1] == 1
+            a, b, c = coords[2].tolist()
+            assert not target[2, 0, a, b, c] and pred[2, 0, a, b, c] and labels[2] == 0
+    # The eroded core keeps clicks two voxels away from the error's border.
+    coords, _ = sample_clicks(torch.zeros_like(target), target, generator, interior_prob=1.0)
+    assert ((coords >= 10) & (coords <= 17)).all()
+
+
+def test_erosion_is_a_cube_min_filter():
+    mask = torch.rand(1, 1, 20, 20, 20, generator=torch.Generator().manual_seed(1)) > 0.2
+    reference = -torch.nn.functional.max_pool3d(-mask.float(), 5, stride=1, padding=2) > 0.5
+    assert torch.equal(erode(mask, 2), reference)
+
+
+def test_click_plan_has_silent_middle_and_last_steps():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        plan = make_click_plan(6, 11, generator)
+        assert 6 <= plan.steps <= 11 and plan.adds_click(0) and not plan.adds_click(plan.steps - 1)
+        assert len(plan.silent_steps) == 2 and all(0 < s < plan.steps for s in plan.silent_steps)
+    assert make_click_plan(2, 2, generator).silent_steps == frozenset()
+
+
+def test_learning_rate_warms_up_then_decays_by_cosine():
+    factors = [learning_rate_factor(s, 100, 10, 0.01) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:]))
+    assert factors[-1] == pytest.approx(0.01, abs=1e-3)
+
+
+def test_dice_bce_is_low_for_a_confident_right_answer():
+    target = torch.zeros(2, 1, 8, 8, 8)
+    target[:, :, 2:6, 2:6, 2:6] = 1
+    assert dice_bce_loss(20 * (2 * target - 1), target) < 0.01 < dice_bce_loss(torch.zeros_like(target), target)
+    assert hard_dice(target > 0, target > 0).tolist() == [1.0, 1.0]
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def _train_config(out: Path, init: Path, steps: int, **run_options) -> TrainConfig:
+    options = dict(out=out, steps=steps, batch_size=1, workers=0, log_every=1, warmup_steps=2, lr=1e-3,
+                   progress=False)
+    options.update(run_options)
+    return TrainConfig(run=RunConfig(**options), interaction=FEW_CLICKS, init=(str(init),),
+                       decoder_lr_scale=1.0)
+
+
+def _run_training(config: TrainConfig, dataset=None) -> dict:
+    """The library path of ``train`` (which returns no model), optionally on a
+    given dataset without augmentation; the result holds the task."""
+    context = DistributedContext.start(config.run.device)
+    try:
+        task, real_dataset, augment = build_training(config, context)
+        if dataset is not None:
+            real_dataset, augment = dataset, no_augmentation
+        return run(task, real_dataset, augment, config.run, context) | {"task": task}
+    finally:
+        context.stop()
+
+
+def test_cli_train_end_to_end_on_real_and_synthetic_samples(tmp_path, train_data, tiny_weights):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(train_data), "--synthetic-ratio", "0.5", "--init", str(tiny_weights),
+                 "--val-case", "mri_spine_cord_sct_t2", "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--workers", "1", "--min-clicks", "2", "--max-clicks", "3", "--log-every", "1",
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [1, 2]
+    assert {"loss", "dice", "dice_click1", "lr", "samples_per_s"} <= set(records[0])
+    checkpoint = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["samples_seen"] == 4
+    state, config = read_checkpoint(out / MODEL_NAME)
+    assert config == TINY and all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    # A second run without --resume refuses to overwrite the checkpoint.
+    assert main(["train", "--init", str(tiny_weights), "--out", str(out), "--steps", "2", "--workers", "0",
+                 "--no-progress"]) == 2
+
+
+def test_cli_rejects_an_unknown_val_case(tmp_path, train_data, capsys):
+    assert main(["train", "--data", str(train_data), "--val-case", "nope", "--out", str(tmp_path),
+                 "--no-progress"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_loss_goes_down_when_overfitting_one_sample(tmp_path, tiny_weights):
+    config = _train_config(tmp_path, tiny_weights, steps=20, lr=5e-3)
+    config.interaction = InteractionConfig(min_steps=2, max_steps=2, interior_prob=0.0)
+    result = _run_training(config, OneSample())
+    losses = [r["loss"] for r in _metrics(tmp_path)]
+    assert result["finished"] and len(losses) == 20
+    assert sum(losses[-4:]) / 4 < 0.75 * sum(losses[:4]) / 4, losses
+
+
+def test_time_budget_stops_cleanly_and_resume_matches_an_uninterrupted_run(tmp_path, tiny_weights):
+    straight = _run_training(_train_config(tmp_path / "straight", tiny_weights, steps=3), OneSample())
+    # A budget already spent: the run stops after its first step, with a checkpoint and a model.
+    stopped = _run_training(_train_config(tmp_path / "chunks", tiny_weights, steps=3, max_minutes=1e-4),
+                            OneSample())
+    assert stopped["step"] == 1 and not stopped["finished"]
+    assert (tmp_path / "chunks" / MODEL_NAME).is_file()
+    assert torch.load(tmp_path / "chunks" / CHECKPOINT_NAME, weights_only=True)["step"] == 1
+    resumed = _run_training(_train_config(tmp_path / "chunks", tiny_weights, steps=3, resume=True),
+                            OneSample())
+    assert resumed["step"] == 3 and resumed["finished"]
+    a = straight["task"].module.state_dict()
+    b = resumed["task"].module.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in _metrics(tmp_path / "chunks")] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, out: str, init: str, data: str, steps: int):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    config = _train_config(Path(out), Path(init), steps=steps, device="cpu")
+    config.data = DataConfig(sources=(data,), synthetic_ratio=0.0)
+    result = _run_training(config)
+    torch.save(result["task"].module.state_dict(), Path(out) / f"rank{rank}.pt")
+
+
+def test_ddp_two_processes_end_identical_and_resume_on_one(tmp_path, train_data, tiny_weights):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), str(tiny_weights), str(train_data), 2),
+             nprocs=2, join=True)
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    checkpoint = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert checkpoint["step"] == 2 and checkpoint["samples_seen"] == 4 and checkpoint["world_size"] == 2
+    # Continue the two-process run in one process.
+    config = _train_config(tmp_path, tiny_weights, steps=3, resume=True)
+    config.data = DataConfig(sources=(str(train_data),), synthetic_ratio=0.0)
+    result = _run_training(config)
+    assert result["step"] == 3
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["samples_seen"] == 5
