@@ -111,10 +111,15 @@ class Engine:
         else:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
-        # On CUDA the model calls go through the fast path (acceleration.py: CUDA graphs,
-        # half-precision encoder weights); the CPU keeps the plain float32 calls.
+        # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
+        # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
+        # serves, so the float32 master encoder waits on the CPU (for the CPU fallback).
         from .acceleration import engine_fast_path
+        self._fast_mode = fast
         self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
+        if self._fast is not None and self._fast.encoder is not self.model.image_encoder:
+            self.model.image_encoder.to("cpu")
+            torch.cuda.empty_cache()
         self.cpu_fallback = cpu_fallback
         self.encoder_calls = 0
         self._lock = threading.RLock()
@@ -189,6 +194,8 @@ class Engine:
             self.device = torch.device("cpu")
             self.model = self.model.to(self.device)
             self.precision = torch.float32
+            from .acceleration import engine_fast_path
+            self._fast = engine_fast_path(self.model, self.device, self.precision, self._fast_mode)
             self._cache.clear()
             return fn(), True
 
