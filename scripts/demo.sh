@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup_env.sh
 .venv/bin/fastsam3d segment Resources/Samples/ct_abdomen_example.nii.gz -o "${1:-liver.nii.gz}" \
-    --point 98,164.3,394.3 --space ras
+    --point 98,164.3,394.3 --point 104,134.3,400.3 --point 80,209.3,403.3 --space ras
