@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -55,7 +54,7 @@ from .model.attention import attention, relative_position_table
 from .model.common import LayerNorm3d
 
 __all__ = ["FastOptions", "FastPath", "accelerate", "rel_pos_terms", "bias_from_terms",
-           "rel_pos_score_mod", "positive_cell_bounds", "positive_box_fast", "MaskPaster",
+           "rel_pos_score_mod", "MaskPaster",
            "logits_to_patch_fast"]
 
 
@@ -776,37 +775,6 @@ def accelerate(model, device=None, dtype: torch.dtype | None = None, **options) 
 # Paste-back: the low-res logits evaluated only on the image sub-box they can change
 # ---------------------------------------------------------------------------
 
-def positive_cell_bounds(low_res_logits: torch.Tensor) -> np.ndarray | None:
-    """(3, 2) inclusive [lo, hi] cell indices per axis of the logits > 0 of an
-    (s, s, s) tensor, or None if none is positive (three reductions, one small
-    device-to-host copy)."""
-    cube = low_res_logits.reshape(low_res_logits.shape[-3:])
-    profiles = torch.cat([cube.amax(dim=(1, 2)), cube.amax(dim=(0, 2)), cube.amax(dim=(0, 1))]) > 0
-    profiles = profiles.cpu().numpy()
-    sizes = np.cumsum([0, *cube.shape])
-    bounds = []
-    for axis in range(3):
-        hit = np.flatnonzero(profiles[sizes[axis]:sizes[axis + 1]])
-        if hit.size == 0:
-            return None
-        bounds.append((hit[0], hit[-1]))
-    return np.array(bounds, dtype=np.int64)
-
-
-def positive_box_fast(image, roi, low_res_logits: torch.Tensor):
-    """``roi.positive_box_on_image`` (the image box that can hold positive voxels:
-    positive cells grown by one cell) with one device-to-host copy instead of a
-    nonzero() and two copies."""
-    from .roi import roi_box_on_image
-    bounds = positive_cell_bounds(low_res_logits)
-    if bounds is None:
-        return None
-    cell = roi.size / low_res_logits.shape[-1]
-    lo = bounds[:, 0] - 1
-    hi = bounds[:, 1] + 1
-    return roi_box_on_image(image, roi, (lo + 0.5) * cell - 0.5, (hi + 0.5) * cell - 0.5)
-
-
 def _grid_affine(image, roi) -> tuple[np.ndarray, np.ndarray]:
     """(T (3, 3), offset (3,)): grid_sample coordinate (x, y, z) = T @ (i, j, k) + offset,
     as ``roi.logits_on_image`` computes it."""
@@ -970,7 +938,7 @@ def mask_on_box_triton(image, roi, low_res_logits: torch.Tensor, box) -> torch.T
 class MaskPaster:
     """``roi.logits_to_patch`` with faster kernels: low-res logits of a ROI ->
     ``MaskPatch`` of the image over ``box`` (default: only the sub-box the mask
-    can occupy, ``positive_box_fast``). method: "separable" (images aligned with the ROI's axes: three
+    can occupy, ``roi.positive_box_on_image``). method: "separable" (images aligned with the ROI's axes: three
     small matrix products), "triton" (CUDA: one kernel, any orientation),
     "grid_sample" (roi's own chunked code), "auto" (the first that applies).
     On CUDA the bool box comes back through a reused page-locked buffer
@@ -992,9 +960,9 @@ class MaskPaster:
 
     def __call__(self, image, roi, low_res_logits: torch.Tensor, box=None):
         """``roi.logits_to_patch(image, roi, logits, box)``; box None: the
-        positive box (``positive_box_fast``) instead of the whole ROI's."""
-        from .roi import MaskPatch, logits_on_image, roi_box_on_image
-        box = positive_box_fast(image, roi, low_res_logits) if box is None else box
+        positive box (``roi.positive_box_on_image``) instead of the whole ROI's."""
+        from .roi import MaskPatch, logits_on_image, positive_box_on_image, roi_box_on_image
+        box = positive_box_on_image(image, roi, low_res_logits) if box is None else box
         if box is None:
             roi_box = roi_box_on_image(image, roi)
             return MaskPatch((0, 0, 0) if roi_box is None else roi_box[0], np.zeros((0, 0, 0), dtype=bool))

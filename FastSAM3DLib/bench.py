@@ -30,7 +30,7 @@ import sys
 import time
 import types
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -452,7 +452,6 @@ class Bench:
 
     def run_reference(self, name, config, state, inputs, ref_emb, ref_low, ref_masks, do_decoder) -> dict:
         dev = self.device
-        s = config.encoder.img_size
         ref = Reference(self.reference_root, config, state, dev)
         with torch.inference_mode():
             embs = [ref.encode(v) for v in inputs.volumes]
@@ -549,9 +548,8 @@ class Bench:
     # -- the engine: click-to-mask on a CT-sized image --
     def run_engine(self, name: str, config: ModelConfig) -> None:
         from . import session as session_module
-        from .acceleration import logits_to_patch_fast, positive_box_fast
+        from .acceleration import logits_to_patch_fast
         from .image import image_from_array, lps_to_ras
-        from .roi import logits_to_patch, positive_box_on_image
         a, dev = self.args, self.device
         cuda = dev.type == "cuda"
         shape_kji = tuple(a.image_shape)
@@ -585,23 +583,22 @@ class Bench:
         sphere = (30.0 - torch.sqrt((zz - centre) ** 2 + (yy - centre) ** 2 + (xx - centre) ** 2)
                   * config.spacing_mm)[None, None].to(dev)
         plain = "engine, plain calls" + (" (autocast)" if cuda else "")
-        session_paste = ("session paste", positive_box_on_image, logits_to_patch)
-        fast_paste = ("fast paste", positive_box_fast, logits_to_patch_fast)
+        session_paste = ("grid_sample paste", MaskPaster("grid_sample", pinned=False))
+        fast_paste = ("fast paste", logits_to_patch_fast)
         combos = [(plain, "off", False, session_paste), ("engine, fast path", "auto", False, session_paste),
                   ("engine, fast path", "auto", False, fast_paste),
                   (plain + ", 30 mm sphere logits", "off", True, session_paste),
                   ("engine, fast path, 30 mm sphere logits", "auto", True, session_paste),
                   ("engine, fast path, 30 mm sphere logits", "auto", True, fast_paste)]
-        for vname, fast, use_sphere, (paste_name, box_fn, paste_fn) in combos:
+        for vname, fast, use_sphere, (paste_name, paste_fn) in combos:
             if True:
                 if self.over_budget():
                     self.log("time budget spent: skipping engine variants")
                     return
                 mem: dict = {}
-                original = session_module.logits_to_patch, session_module.positive_box_on_image
-                # the session's own paste-back steps, or acceleration.py's drop-ins for them
-                session_module.logits_to_patch = paste_fn
-                session_module.positive_box_on_image = box_fn
+                original = session_module.logits_to_patch_fast
+                # the session's paste-back with its default kernels, or with grid_sample only
+                session_module.logits_to_patch_fast = paste_fn
                 try:
                     with peak_memory(dev, mem):
                         engine = session_module.Engine(model=model, device=str(dev), fast=fast)
@@ -615,7 +612,7 @@ class Bench:
                                 return sphere.to(logits.device).clone(), iou
                             engine.decode = sphere_decode
                         t0 = time.perf_counter()
-                        first = engine.new_session(image).add_click(ras(offsets[0]))
+                        engine.new_session(image).add_click(ras(offsets[0]))
                         first_s = time.perf_counter() - t0
                         # second ROI region: re-embed (ROI extraction + encoder) timed after warm-up
                         reembed = []
@@ -642,7 +639,7 @@ class Bench:
                                 boxes.append(int(res.patch.array.size))
                         _sync(dev)
                 finally:
-                    session_module.logits_to_patch, session_module.positive_box_on_image = original
+                    session_module.logits_to_patch_fast = original
                 timing = lambda x: {"ms": float(np.median(x)), "p10": float(np.percentile(x, 10)),  # noqa: E731
                                     "p90": float(np.percentile(x, 90)), "wall_ms": float(np.median(x)),
                                     "n": len(x)}

@@ -251,7 +251,37 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most click steps per sample in the logit stage (default 5)")
     _training_options(di, steps=3000, lr=8e-4)
     di.set_defaults(func=cmd_distill)
+
+    web = sub.add_parser(
+        "web", help="the interactive segmentation app in a web browser (needs the web extra)",
+        description="Serve FastSAM3D as a web page (trame-slicer): four views, click to segment, "
+                    "undo/redo, export. Binds to 127.0.0.1 only unless --host says otherwise; from "
+                    "another computer use an SSH tunnel: ssh -L 8080:127.0.0.1:8080 server.",
+        epilog="Needs: pip install -e .[web]. Example: fastsam3d web ct.nii.gz --port 8080")
+    web.add_argument("images", nargs="*", metavar="IMAGE",
+                     help="scans to load at start (NIfTI, NRRD, MHA or a DICOM folder); more can be uploaded")
+    web.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this computer only)")
+    web.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    web.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    _model_options(web)
+    web.set_defaults(func=cmd_web)
     return parser
+
+
+def cmd_web(args) -> int:
+    try:
+        from .web.app import serve
+    except ImportError as exc:
+        missing = (exc.name or "").split(".")[0]
+        if missing in ("trame", "trame_slicer", "trame_server", "trame_client", "trame_vuetify", "trame_rca",
+                       "trame_common", "slicer", "vtk", "vtkmodules", "undo_stack", "LayerDMLib"):
+            print(f"fastsam3d: error: 'fastsam3d web' needs the web extra ({missing} is missing): "
+                  "pip install -e .[web]", file=sys.stderr)
+            return 2
+        raise
+    return serve(args.images, host=args.host, port=args.port, model=args.model, device=args.device,
+                 open_browser=args.open_browser)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:

@@ -178,20 +178,35 @@ def roi_box_on_image(image: sitk.Image, roi: RoiGeometry, lower=None, upper=None
     return tuple(start[::-1].tolist()), tuple(stop[::-1].tolist())
 
 
+def positive_cell_bounds(low_res_logits: torch.Tensor) -> np.ndarray | None:
+    """(3, 2) inclusive [lo, hi] cell indices per axis of the logits > 0 of an
+    (s, s, s) tensor, or None if none is positive (three reductions and one
+    small device-to-host copy, cheap on the GPU)."""
+    cube = low_res_logits.detach().reshape(low_res_logits.shape[-3:])
+    profiles = torch.cat([cube.amax(dim=(1, 2)), cube.amax(dim=(0, 2)), cube.amax(dim=(0, 1))]) > 0
+    profiles = profiles.cpu().numpy()
+    sizes = np.cumsum([0, *cube.shape])
+    bounds = []
+    for axis in range(3):
+        hit = np.flatnonzero(profiles[sizes[axis]:sizes[axis + 1]])
+        if hit.size == 0:
+            return None
+        bounds.append((hit[0], hit[-1]))
+    return np.array(bounds, dtype=np.int64)
+
+
 def positive_box_on_image(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.Tensor):
     """The image box that can hold positive voxels of the upsampled logits:
     trilinear interpolation is positive only next to a positive low-res cell, so
     the box of positive cells grown by one cell bounds the mask. Evaluating only
     there keeps the paste-back cost proportional to the object, not the ROI."""
-    logits = low_res_logits.detach().reshape(low_res_logits.shape[-3:])
-    positive = torch.nonzero(logits > 0)
-    if positive.numel() == 0:
+    bounds = positive_cell_bounds(low_res_logits)
+    if bounds is None:
         return None
-    cell = roi.size / logits.shape[-1]
-    lo_cell = positive.min(0).values.cpu().numpy() - 1
-    hi_cell = positive.max(0).values.cpu().numpy() + 1
+    cell = roi.size / low_res_logits.shape[-1]
+    lo, hi = bounds[:, 0] - 1, bounds[:, 1] + 1
     # Cell c's centre sits at ROI voxel (c + 0.5) * cell - 0.5.
-    return roi_box_on_image(image, roi, (lo_cell + 0.5) * cell - 0.5, (hi_cell + 0.5) * cell - 0.5)
+    return roi_box_on_image(image, roi, (lo + 0.5) * cell - 0.5, (hi + 0.5) * cell - 0.5)
 
 
 def logits_on_image(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.Tensor,

@@ -25,11 +25,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from .acceleration import logits_to_patch_fast
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
-from .roi import (MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image,
-                  roi_for_point)
+from .roi import MaskPatch, RoiGeometry, extract_roi, roi_for_point
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -357,9 +357,8 @@ class InteractiveSession:
             logits, iou = self.engine.decode(embedding, points, labels, prompt)
             decoded = time.perf_counter()
 
-            box = positive_box_on_image(self.image, roi, logits)
-            new_patch = None if box is None else _crop_to_content(
-                logits_to_patch(self.image, roi, logits[0, 0], box))
+            # Evaluated only on the box the mask can occupy, then cut to its content.
+            new_patch = _crop_to_content(logits_to_patch_fast(self.image, roi, logits[0, 0]))
             state = _State(clicks, roi, logits, new_patch)
             self._history = self._history[:self._position + 1] + [state]
             self._position += 1

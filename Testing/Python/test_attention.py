@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from FastSAM3DLib.model import EncoderConfig, ModelConfig, Sam3D
 from FastSAM3DLib.model import attention as attention_module
-from FastSAM3DLib.model.attention import (Attention3D, decomposed_rel_pos_bias, dilated_segments,
+from FastSAM3DLib.model.attention import (decomposed_rel_pos_bias, dilated_segments,
                                           sparse_attention)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from FastSAM3DLib import build_model
 from FastSAM3DLib.image import ImageError, image_from_array, lps_to_ras
-from FastSAM3DLib.session import Engine, EngineError, InteractiveSession
+from FastSAM3DLib.session import Engine, EngineError
 
 
 @pytest.fixture(scope="module")
