@@ -1,0 +1,323 @@
+"""The web app in-process, no browser: real offscreen trame-slicer slice views,
+mouse events injected on their interactors (as trame-slicer's own tests do),
+a real CT from shared/data, the real engine with a tiny random model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("trame_slicer", reason="the web extra is not installed: pip install -e .[web]")
+
+from trame_slicer.core import SlicerApp  # noqa: E402
+from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition, ViewProps, ViewType  # noqa: E402
+
+from FastSAM3DLib.slicer_bridge import read_segment, volume_to_image, world_ijk_to_ras  # noqa: E402
+from FastSAM3DLib.web.segmenter import WebSegmenter  # noqa: E402
+from FastSAM3DLib.web.uploads import UploadError, display_name, save_uploads  # noqa: E402
+
+SIZE = (400, 300)
+
+
+class Views:
+    """Offscreen slice views of one SlicerApp, with mouse events."""
+
+    def __init__(self, app):
+        app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+        self.views = {}
+        for tag, orientation in (("Red", "Axial"), ("Yellow", "Sagittal")):
+            view = app.view_manager.create_view(ViewLayoutDefinition(
+                singleton_tag=tag, view_type=ViewType.SLICE_VIEW, properties=ViewProps(orientation=orientation)))
+            view.render_window().SetSize(*SIZE)
+            view.interactor().UpdateSize(*SIZE)
+            self.views[orientation] = view
+
+    def click(self, x, y, button="Left", orientation="Axial"):
+        interactor = self.views[orientation].interactor()
+        interactor.SetEventPosition(x, y)
+        interactor.InvokeEvent("MouseMoveEvent")
+        interactor.InvokeEvent(f"{button}ButtonPressEvent")
+        interactor.InvokeEvent(f"{button}ButtonReleaseEvent")
+
+    def xy_to_ras(self, x, y, orientation="Axial"):
+        m = self.views[orientation].get_view_node().GetXYToRAS()
+        return np.array([sum(m.GetElement(r, c) * v for c, v in enumerate((x, y, 0.0, 1.0))) for r in range(3)])
+
+
+@pytest.fixture
+def web(ct_path, tiny_engine):
+    app = SlicerApp()
+    views = Views(app)
+    segmenter = WebSegmenter(app, engine=tiny_engine)
+    received = []
+    handler = segmenter.effect.on_click
+    segmenter.effect.on_click = lambda ras, positive: (received.append((np.array(ras), positive)),
+                                                       handler(ras, positive))
+    segmenter.load_volume(ct_path)
+    yield segmenter, views, received
+    segmenter.close()
+
+
+def engine_mask(engine, volume, clicks):
+    """What the engine alone gives for these world-RAS clicks (a fresh session)."""
+    session = engine.new_session(volume_to_image(volume))
+    for ras, positive in clicks:
+        session.add_click(ras, positive=positive, space="ras")
+    return session.mask()
+
+
+def segment(segmenter, segment_id=None):
+    return read_segment(segmenter.segmentation, segment_id or segmenter.segment_id, segmenter.volume)
+
+
+def test_left_click_gives_the_engines_segment(web, tiny_engine):
+    segmenter, views, received = web
+    assert segmenter.tool_active and segment(segmenter).sum() == 0
+    views.click(200, 150)
+    # the view turned the click into the world RAS of that pixel, as a positive point ...
+    assert len(received) == 1 and received[0][1] is True
+    np.testing.assert_allclose(received[0][0], views.xy_to_ras(200, 150), atol=1e-3)
+    # ... inside the scan ...
+    ijk = np.linalg.inv(world_ijk_to_ras(segmenter.volume)) @ np.r_[received[0][0], 1.0]
+    assert np.all(ijk[:3] >= -0.5) and np.all(ijk[:3] <= np.array(segmenter.volume.GetImageData().GetDimensions()) - 0.5)
+    # ... and the segment is, voxel for voxel, what the engine gives for that RAS point
+    mask = segment(segmenter)
+    expected = engine_mask(tiny_engine, segmenter.volume, [(received[0][0], True)])
+    assert mask.sum() > 100
+    np.testing.assert_array_equal(mask, expected)
+    assert segmenter.voxel_count() == int(mask.sum())
+    status = segmenter.status()
+    assert status["latency_ms"] > 0 and status["device"].startswith("CPU") and status["revision"] == 1
+    # the click is shown as a point of the include list
+    include = segmenter.prompts.nodes[True]
+    assert include.GetNumberOfControlPoints() == 1
+
+
+def test_right_click_removes_and_undo_restores(web, tiny_engine):
+    segmenter, views, received = web
+    views.click(200, 150)
+    first = segment(segmenter)
+    views.click(206, 150, button="Right")
+    assert [positive for _, positive in received] == [True, False]
+    second = segment(segmenter)
+    np.testing.assert_array_equal(second, engine_mask(tiny_engine, segmenter.volume, received))
+    assert second.sum() < first.sum()
+    assert segmenter.prompts.nodes[False].GetNumberOfControlPoints() == 1
+    segmenter.undo()
+    np.testing.assert_array_equal(segment(segmenter), first)
+    assert segmenter.prompts.nodes[False].GetNumberOfControlPoints() == 0
+    segmenter.undo()
+    assert segment(segmenter).sum() == 0 and not segmenter.can_undo()
+    segmenter.redo()
+    np.testing.assert_array_equal(segment(segmenter), first)
+    segmenter.redo()
+    np.testing.assert_array_equal(segment(segmenter), second)
+    assert not segmenter.can_redo()
+
+
+def test_negative_switch_and_tool_off(web, tiny_engine):
+    segmenter, views, received = web
+    views.click(200, 150)
+    first = segment(segmenter)
+    segmenter.negative = True
+    views.click(206, 150)                          # a left click, now negative
+    assert received[-1][1] is False
+    second = segment(segmenter)
+    np.testing.assert_array_equal(second, engine_mask(tiny_engine, segmenter.volume, received))
+    assert second.sum() < first.sum()
+    segmenter.negative = False
+    segmenter.tool_active = False                  # navigation: clicks do not segment
+    views.click(150, 120)
+    assert len(received) == 2
+    segmenter.tool_active = True
+    segmenter.reset()                              # clear the segment (undoable)
+    assert segment(segmenter).sum() == 0
+    segmenter.undo()
+    np.testing.assert_array_equal(segment(segmenter), second)
+
+
+def test_new_segment_never_erases_the_others(web):
+    segmenter, views, _ = web
+    views.click(200, 150)
+    first_id = segmenter.segment_id
+    first = segment(segmenter, first_id)
+    second_id = segmenter.add_segment("second")
+    assert segmenter.segment_id == second_id and len(segmenter.segments()) == 2
+    views.click(203, 152)                           # overlapping the first segment
+    second = segment(segmenter, second_id)
+    assert second.sum() > 0
+    np.testing.assert_array_equal(segment(segmenter, first_id), first)     # untouched
+    assert not np.any(first & second)                                      # no overlap written
+    # app-wide undo: the second segment's click, then the first's
+    segmenter.undo()
+    assert segment(segmenter, second_id).sum() == 0
+    np.testing.assert_array_equal(segment(segmenter, first_id), first)
+    segmenter.undo()
+    assert segmenter.segment_id == first_id and segment(segmenter, first_id).sum() == 0
+
+
+def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
+    """Inside an asyncio loop (the trame server) operations become tasks: the engine
+    half runs on the worker thread, one operation at a time, in click order."""
+    import asyncio
+    import threading
+    segmenter, views, received = web
+    threads = []
+    compute = type(segmenter.session(create=True)).compute_click
+
+    def spy(self, ras, positive=True):
+        threads.append(threading.current_thread().name)
+        return compute(self, ras, positive)
+
+    async def run():
+        type(segmenter.session()).compute_click = spy
+        try:
+            views.click(200, 150)                  # both clicks arrive before either is done
+            views.click(206, 150, button="Right")
+            undo = segmenter.undo()
+            assert isinstance(undo, asyncio.Task) and segmenter.revision == 0
+            await asyncio.gather(*list(segmenter._tasks))
+        finally:
+            type(segmenter.session()).compute_click = compute
+
+    asyncio.run(run())
+    assert threads and all(name.startswith("FastSAM3D-web-engine") for name in threads)
+    assert segmenter.revision == 3 and not segmenter.busy
+    np.testing.assert_array_equal(segment(segmenter), engine_mask(tiny_engine, segmenter.volume, received[:1]))
+
+
+def test_sagittal_view_click(web, tiny_engine):
+    segmenter, views, received = web
+    views.click(200, 150, orientation="Sagittal")
+    np.testing.assert_allclose(received[0][0], views.xy_to_ras(200, 150, "Sagittal"), atol=1e-3)
+    np.testing.assert_array_equal(segment(segmenter), engine_mask(tiny_engine, segmenter.volume, received))
+
+
+def test_export_labelmap_on_the_scan_grid(web, ct_path):
+    import SimpleITK as sitk
+    segmenter, views, _ = web
+    views.click(200, 150)
+    segmenter.add_segment()
+    views.click(150, 200)
+    name, data, labels = segmenter.export_bytes(".nii.gz")
+    assert name == "example_ct-segmentation.nii.gz" and labels == {1: "Segment 1", 2: "Segment 2"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        out, ct = sitk.ReadImage(str(path)), sitk.ReadImage(str(ct_path))
+    assert out.GetSize() == ct.GetSize()
+    np.testing.assert_allclose(out.GetSpacing(), ct.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(out.GetOrigin(), ct.GetOrigin(), atol=1e-3)
+    np.testing.assert_allclose(out.GetDirection(), ct.GetDirection(), atol=1e-5)
+    values = sitk.GetArrayFromImage(out)
+    ids = segmenter.segment_ids()
+    assert (values == 1).sum() == segmenter.voxel_count(ids[0]) > 0
+    assert (values == 2).sum() == segmenter.voxel_count(ids[1]) > 0
+    with pytest.raises(ValueError):
+        segmenter.export_bytes("../x.nii.gz")
+
+
+# -- uploads -------------------------------------------------------------------------
+def test_upload_names_never_become_paths(tmp_path):
+    files = [{"name": "../../etc/evil.nii.gz", "content": b"a"},
+             {"name": "/abs/path/x.NRRD", "content": [b"b", b"c"]},
+             {"name": "..\\..\\win.mha", "content": b"d"}]
+    saved = save_uploads(files, tmp_path)
+    assert [p.name for p, _ in saved] == ["upload-000.nii.gz", "upload-001.nrrd", "upload-002.mha"]
+    assert all(p.parent == tmp_path for p, _ in saved)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["upload-000.nii.gz", "upload-001.nrrd", "upload-002.mha"]
+    assert saved[1][0].read_bytes() == b"bc"
+    assert [label for _, label in saved] == ["evil", "x", "win"]
+    assert display_name("<script>.nii") == "script" and display_name("") == "volume"
+
+
+@pytest.mark.parametrize("name", ["scan.exe", "scene.mrb", "x.nii.gz.sh", "nii.gz", ".nii", "noext"])
+def test_upload_refuses_other_types_and_writes_nothing(tmp_path, name):
+    with pytest.raises(UploadError):
+        save_uploads([{"name": "ok.nii.gz", "content": b"x"}, {"name": name, "content": b"y"}], tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UploadError):
+        save_uploads([{"name": "empty.nii", "content": b""}], tmp_path)
+    with pytest.raises(UploadError):
+        save_uploads([{"name": "big.nii", "content": b"12345"}], tmp_path, max_bytes=4)
+
+
+def test_upload_loads_from_a_deleted_temporary_folder(ct_path, tiny_engine, monkeypatch):
+    app = SlicerApp()
+    segmenter = WebSegmenter(app, engine=tiny_engine)
+    made = []
+    real = tempfile.TemporaryDirectory
+
+    def recording(*args, **kwargs):
+        tmp = real(*args, **kwargs)
+        made.append(Path(tmp.name))
+        return tmp
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", recording)
+    nodes = segmenter.load_uploads([{"name": "../../my scan.nii.gz", "content": ct_path.read_bytes()}])
+    assert len(nodes) == 1 and segmenter.volume is nodes[0] and nodes[0].GetName() == "my_scan"
+    assert nodes[0].GetImageData().GetDimensions() == (122, 101, 112)
+    assert made and all(p.name.startswith("fastsam3d-upload-") and not p.exists() for p in made)
+    assert all(Path(tempfile.gettempdir()) in p.parents for p in made)
+    with pytest.raises(UploadError):
+        segmenter.load_uploads([{"name": "notes.txt", "content": b"hello"}])
+    segmenter.close()
+
+
+# -- the page object and the command ---------------------------------------------------
+def test_app_page_and_state(ct_path, tiny_engine):
+    from trame.app import get_server
+    from FastSAM3DLib.web.app import FastSAM3DWebApp
+    server = get_server("fastsam3d-web-test", client_type="vue3")
+    app = FastSAM3DWebApp(server, images=[ct_path], engine=tiny_engine)
+    state = app.state
+    assert [v["title"] for v in state.volumes] == ["example_ct"]
+    assert len(state.segments) == 1 and state.active_segment == state.segments[0]["id"]
+    assert state.status["device"].startswith("CPU") and state.export_name == "example_ct-segmentation.nii.gz"
+    app.add_segment()
+    assert len(state.segments) == 2 and state.active_segment == state.segments[1]["id"]
+    app.upload([{"name": "evil/../x.exe", "content": b"1"}])
+    assert "not a supported image" in state.upload_error and len(state.volumes) == 1
+    page = app.ui.html
+    for element in ("fs3d-latency", "fs3d-device", "fs3d-undo", "fs3d-redo", "fs3d-new-segment",
+                    "fs3d-export", "fs3d-upload", "fs3d-segments"):
+        assert f'id="{element}"' in page
+    app.segmenter.close()
+
+
+def test_web_command_defaults_to_loopback():
+    from FastSAM3DLib.cli import build_parser
+    from FastSAM3DLib.web.app import is_loopback
+    args = build_parser().parse_args(["web", "a.nii.gz"])
+    assert args.host == "127.0.0.1" and args.port == 8080 and args.images == ["a.nii.gz"]
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+
+
+def test_core_library_does_not_import_the_web_app():
+    code = ("import sys, FastSAM3DLib, FastSAM3DLib.cli, FastSAM3DLib.session, FastSAM3DLib.slicer_bridge; "
+            "bad = [m for m in sys.modules if m.startswith(('trame', 'FastSAM3DLib.web'))]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_missing_extra_is_one_clear_line():
+    code = ("import sys; sys.modules['trame'] = None; from FastSAM3DLib.cli import main; "
+            "sys.exit(main(['web']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("fastsam3d: error:") and "pip install -e .[web]" in lines[-1]
+
+
+def test_web_command_refuses_bad_arguments_before_serving(tmp_path):
+    from FastSAM3DLib.web.app import serve
+    with pytest.raises(ValueError, match="no such image"):
+        serve([str(tmp_path / "missing.nii.gz")])
+    with pytest.raises(ValueError, match="unknown model"):
+        serve([], model="no-such-model")
