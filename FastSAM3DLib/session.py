@@ -25,7 +25,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .acceleration import logits_to_patch_fast
+from .acceleration import engine_fast_path, logits_to_patch_fast
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
@@ -114,7 +114,6 @@ class Engine:
         # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
         # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
         # serves, so the float32 master encoder waits on the CPU (for the CPU fallback).
-        from .acceleration import engine_fast_path
         self._fast_mode = fast
         self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
         if self._fast is not None and self._fast.encoder is not self.model.image_encoder:
@@ -194,7 +193,6 @@ class Engine:
             self.device = torch.device("cpu")
             self.model = self.model.to(self.device)
             self.precision = torch.float32
-            from .acceleration import engine_fast_path
             self._fast = engine_fast_path(self.model, self.device, self.precision, self._fast_mode)
             self._cache.clear()
             return fn(), True
@@ -332,6 +330,7 @@ class InteractiveSession:
     def add_click(self, point, positive: bool = True, space: str = "ras") -> ClickResult:
         """Add a +/- click and return the updated mask."""
         started = time.perf_counter()
+        device_before = self.engine.device
         p_lps = point_to_lps(self.image, point, space)
         if not is_inside(self.image, p_lps):
             raise ImageError(f"the point {tuple(np.round(np.asarray(point, float), 2))} ({space}) "
@@ -367,6 +366,7 @@ class InteractiveSession:
         return ClickResult(
             patch=patch, reembedded=computed,
             recentred=previous.roi is not None and roi != previous.roi, iou=iou, roi=roi,
+            fell_back_to_cpu=device_before != self.engine.device,
             timings={"encode": encoded - started, "decode": decoded - encoded,
                      "paste": done - decoded, "total": done - started})
 
