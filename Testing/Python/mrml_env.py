@@ -144,6 +144,22 @@ def transformed_copy(scene, source, matrix, name="transformed"):
     return node, tnode
 
 
+def make_variant(scene, vol, kind):
+    """The volume itself or a copy with other geometry: "flipped", "permuted",
+    "oblique", or (any other kind) under a rotating + translating parent transform."""
+    if kind == "original":
+        return vol
+    if kind == "flipped":
+        return flipped_copy(scene, vol)
+    if kind == "permuted":
+        return permuted_copy(scene, vol)
+    if kind == "oblique":
+        return oblique_copy(scene, vol, 20.0)
+    t = rotation(0, 25.0) @ rotation(1, -10.0)
+    t[:3, 3] = (4.0, -7.5, 12.25)
+    return transformed_copy(scene, vol, t, name=kind)[0]
+
+
 def new_segmentation(scene, volume, names=("object",), name="Segmentation"):
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
     seg.CreateDefaultDisplayNodes()

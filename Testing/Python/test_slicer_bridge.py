@@ -15,9 +15,9 @@ import pytest
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from mrml_env import (CT_ABDOMEN, SPINE_T2, FakeEngine, engine_image, flipped_copy,  # noqa: E402
+from mrml_env import (CT_ABDOMEN, SPINE_T2, FakeEngine, engine_image,  # noqa: E402
                       ijk_to_ras_of, load_volume, make_mrml_env, markups_points, new_segmentation,
-                      oblique_copy, permuted_copy, rotation, transformed_copy, world_points)
+                      make_variant, rotation, transformed_copy, world_points)
 
 from FastSAM3DLib.slicer_bridge import (GeometryError, SegmentEditorLogicWriter,  # noqa: E402
                                         SegmentSession, SegmentWriter, export_labelmap,
@@ -127,20 +127,6 @@ def test_oriented_image_round_trip(spine):
 
 # -- clicks -> segment, every geometry -------------------------------------------------
 VARIANTS = ["original", "flipped", "permuted", "oblique", "transformed", "transformed-seg-in-world"]
-
-
-def make_variant(scene, vol, kind):
-    if kind == "original":
-        return vol
-    if kind == "flipped":
-        return flipped_copy(scene, vol)
-    if kind == "permuted":
-        return permuted_copy(scene, vol)
-    if kind == "oblique":
-        return oblique_copy(scene, vol, 20.0)
-    t = rotation(0, 25.0) @ rotation(1, -10.0)
-    t[:3, 3] = (4.0, -7.5, 12.25)
-    return transformed_copy(scene, vol, t, name=kind)[0]
 
 
 @pytest.mark.parametrize("kind", VARIANTS)

@@ -12,9 +12,8 @@ import pytest
 
 slicer = pytest.importorskip("slicer")
 
-from mrml_env import (CT_ABDOMEN, SPINE_T2, flipped_copy, load_volume, make_mrml_env,  # noqa: E402
-                      markups_points, new_segmentation, oblique_copy, permuted_copy, rotation,
-                      transformed_copy, world_points)
+from mrml_env import (CT_ABDOMEN, SPINE_T2, load_volume, make_mrml_env,  # noqa: E402
+                      make_variant, markups_points, new_segmentation, world_points)
 
 pytestmark = pytest.mark.skipif(not SPINE_T2.is_file(), reason="shared test data missing")
 
@@ -65,20 +64,6 @@ def sitk_world_set(image, mask_kji, decimals=3):
 def centre(volume, ijk):
     from FastSAM3DLib.slicer_bridge import world_ijk_to_ras
     return (world_ijk_to_ras(volume) @ np.array([*ijk, 1.0]))[:3]
-
-
-def make_variant(scene, vol, kind):
-    if kind == "original":
-        return vol
-    if kind == "flipped":
-        return flipped_copy(scene, vol)
-    if kind == "permuted":
-        return permuted_copy(scene, vol)
-    if kind == "oblique":
-        return oblique_copy(scene, vol, 20.0)
-    t = rotation(0, 25.0) @ rotation(1, -10.0)
-    t[:3, 3] = (4.0, -7.5, 12.25)
-    return transformed_copy(scene, vol, t, name=kind)[0]
 
 
 @pytest.mark.parametrize("kind", ["original", "flipped", "permuted", "oblique", "transformed",
