@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .image import bounding_box
+
 # 6-connectivity (faces only): regions that touch only along an edge or at a
 # corner count as separate errors, so the chosen component is one solid region.
 ERROR_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
@@ -143,24 +145,13 @@ def _as_mask(array) -> np.ndarray:
     return array if array.dtype == bool else array != 0
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """Tightest box (slices) around the nonzero voxels of a 3D mask, None if empty."""
-    along_0 = np.flatnonzero(mask.any(axis=(1, 2)))
-    if along_0.size == 0:
-        return None
-    plane = mask[along_0[0]:along_0[-1] + 1].any(axis=0)
-    along_1 = np.flatnonzero(plane.any(axis=1))
-    along_2 = np.flatnonzero(plane.any(axis=0))
-    return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (along_0, along_1, along_2))
-
-
 def _crop_to_objects(pred, gt):
     """(box offset, pred, gt) cropped to the box around prediction ∪ target,
     which holds every error; None when both are empty."""
     pred, gt = _as_mask(pred), _as_mask(gt)
     if pred.shape != gt.shape or pred.ndim != 3:
         raise ValueError(f"prediction {pred.shape} and target {gt.shape} must be 3D arrays of one shape")
-    box = _bounding_box(pred | gt)
+    box = bounding_box(pred | gt)
     if box is None:
         return None
     return tuple(s.start for s in box), pred[box], gt[box]
@@ -178,7 +169,7 @@ def _inner_distance(mask: np.ndarray, spacing=None) -> np.ndarray:
     """Distance of every mask voxel to the nearest voxel outside the mask (0
     outside), the array edge counting as outside."""
     depth = np.zeros(mask.shape, dtype=np.float64)
-    box = _bounding_box(mask)
+    box = bounding_box(mask)
     if box is None:
         return depth
     # A one-voxel zero border around the tight box holds the nearest outside

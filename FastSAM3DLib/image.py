@@ -255,6 +255,17 @@ def is_inside(image: sitk.Image, p_lps):
     return bool(inside) if inside.ndim == 0 else inside
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """Tightest box (slices) around the nonzero voxels of a 3D array, None if empty."""
+    along_0 = np.flatnonzero(mask.any(axis=(1, 2)))
+    if along_0.size == 0:
+        return None
+    plane = mask[along_0[0]:along_0[-1] + 1].any(axis=0)
+    along_1 = np.flatnonzero(plane.any(axis=1))
+    along_2 = np.flatnonzero(plane.any(axis=0))
+    return tuple(slice(int(a[0]), int(a[-1]) + 1) for a in (along_0, along_1, along_2))
+
+
 # -- writing ---------------------------------------------------------------------------
 
 def write_image_atomic(image: sitk.Image, path) -> None:

@@ -1,9 +1,15 @@
 """The interactive engine: an image, clicks in, masks on the image's own grid out.
 
-``Engine`` owns the model, the device and a cache of ROI embeddings;
-``InteractiveSession`` is one object being segmented. The image embedding of a
-ROI is computed once; every click is one prompt-encoder + mask-decoder pass
-with the previous low-res logits fed back as the mask prompt.
+``Engine`` owns the model, the device and a cache of crop embeddings;
+``InteractiveSession`` is one object being segmented. Each click runs one
+decoder pass (prompt encoder + mask decoder) on one or more crops ("tiles")
+that ``RoiPolicy`` chooses; a crop's image embedding is computed once. The
+previous low-res logits, carried over to the pass's crop, are the mask prompt.
+
+The object's mask is the merge of its tiles on the image grid: where the
+newest pass covers a voxel, the union of that pass's tiles; elsewhere what
+earlier passes gave. So a pass never loses what lies outside its crops, and
+a big object is the union of the tiles its clicks made.
 
 Points are physical: RAS (Slicer's world), LPS (DICOM/ITK) or "ijk", a
 continuous voxel index (i, j, k) of the image. Masks are numpy arrays in
@@ -16,8 +22,10 @@ from __future__ import annotations
 import threading
 import time
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 import numpy as np
@@ -27,26 +35,76 @@ import torch.nn.functional as F
 
 from .acceleration import engine_fast_path, logits_to_patch_fast
 from .build import build_model, resolve_device
-from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
+from .image import ImageError, bounding_box, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
-from .roi import MaskPatch, RoiGeometry, extract_roi, roi_for_point
+from .roi import (MaskPatch, RoiGeometry, extract_roi, positive_box_on_image, roi_box_on_image,
+                  roi_for_point)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Crop spacings (mm) the automatic zoom chooses from.
+SPACING_LADDER_MM = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
+SPACING_HELP = ("crop spacing: 'auto' (zoom: each object's crop spacing follows its size), 'fixed' "
+                "(the model's training spacing), or a spacing in mm; default: auto for models trained "
+                "across spacings, fixed for the official checkpoints (trained at 1.5 mm only)")
 
 
 class EngineError(RuntimeError):
     """A failure the user should see as one line (e.g. GPU out of memory)."""
 
 
+class GpuFailure(EngineError):
+    """The GPU failed a model call (out of memory, also inside a CUDA-graph
+    capture); the session that hit it continues on the CPU."""
+
+
+def _is_gpu_failure(exc: BaseException) -> bool:
+    """Errors a CUDA out-of-memory can surface as: the OOM itself, or, inside a
+    CUDA-graph capture or a cuBLAS/cuDNN call, a RuntimeError naming CUDA."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    if not isinstance(exc, RuntimeError) or isinstance(exc, EngineError):
+        return False
+    text = str(exc)
+    lowered = text.lower()
+    return ("CUDA" in text or "CUBLAS" in text or "CUDNN" in text) and any(
+        sign in lowered for sign in ("out of memory", "alloc_failed", "memoryallocation", "capture"))
+
+
+def parse_spacing(value) -> str | float:
+    """'auto', 'fixed' or a positive spacing in mm (a number or its text)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "fixed"):
+        return value.strip().lower()
+    try:
+        mm = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"spacing must be auto, fixed or a spacing in mm, not {value!r}") from None
+    if not (np.isfinite(mm) and mm > 0):
+        raise ValueError(f"a crop spacing must be a positive number of mm, not {value!r}")
+    return mm
+
+
 @dataclass(frozen=True)
-class Click:
+class PhysicalClick:
+    """A user's click at a physical point (LPS, mm); ``clicks.Click`` is a
+    simulated click at a voxel index."""
     point_lps: tuple[float, float, float]
     positive: bool
 
 
+@dataclass(frozen=True, eq=False)
+class Tile:
+    """One crop's decoder output: low-res logits (1, 1, s, s, s) of ``roi``.
+    ``pass_index`` orders the passes: a later pass replaces an earlier one
+    inside its crops; the tiles of one pass are united."""
+    roi: RoiGeometry
+    logits: torch.Tensor
+    pass_index: int
+
+
 @dataclass
-class ClickResult:
-    """What one click (or undo/redo) changed.
+class MaskUpdate:
+    """What one click, undo, redo or reset changed.
 
     ``patch`` holds the object's mask over a box that covers both the previous
     and the new result: a caller replaces exactly that box. None when both
@@ -54,32 +112,30 @@ class ClickResult:
     """
     patch: MaskPatch | None
     reembedded: bool = False          # the encoder ran for this click
-    recentred: bool = False           # the click moved the session to another ROI
+    encoder_runs: int = 0             # crops embedded for this click (zoom, new tiles)
+    recentred: bool = False           # the click ran on a crop the object did not have before
     iou: float | None = None
-    roi: RoiGeometry | None = None
+    roi: RoiGeometry | None = None    # the crop of the last decoder pass
+    crops: tuple[RoiGeometry, ...] = ()   # every crop a decoder pass ran on for this click
     timings: dict[str, float] = field(default_factory=dict)
     fell_back_to_cpu: bool = False
 
 
 @dataclass(frozen=True)
-class _State:
-    clicks: tuple[Click, ...]
-    roi: RoiGeometry | None
-    low_res_logits: torch.Tensor | None     # (1, 1, s, s, s) in this ROI
-    patch: MaskPatch | None
+class _Step:
+    """One state of the undo history: the clicks and the tiles (crops and
+    logits) they produced; the mask is recomputed from the tiles."""
+    clicks: tuple[PhysicalClick, ...] = ()
+    tiles: tuple[Tile, ...] = ()
 
 
-def _crop_to_content(patch: MaskPatch) -> MaskPatch | None:
-    """The patch cut down to the bounding box of its True voxels (None if empty):
-    callers then write only what an object can occupy, not the whole ROI box."""
-    if not patch.array.any():
+def _cropped(start_kji, array: np.ndarray) -> MaskPatch | None:
+    """The array cut down to the box of its True voxels (None if empty):
+    callers then write only what an object can occupy."""
+    box = bounding_box(array)
+    if box is None:
         return None
-    nonzero = [np.flatnonzero(patch.array.any(axis=tuple(a for a in range(3) if a != axis)))
-               for axis in range(3)]
-    lo = [int(n[0]) for n in nonzero]
-    hi = [int(n[-1]) + 1 for n in nonzero]
-    return MaskPatch(tuple(s + l for s, l in zip(patch.start_kji, lo)),
-                     patch.array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    return MaskPatch(tuple(s + b.start for s, b in zip(start_kji, box)), array[box])
 
 
 def _union_patch(old: MaskPatch | None, new: MaskPatch | None) -> MaskPatch | None:
@@ -87,30 +143,227 @@ def _union_patch(old: MaskPatch | None, new: MaskPatch | None) -> MaskPatch | No
     if old is None or new is None:
         return new if new is not None else (
             None if old is None else MaskPatch(old.start_kji, np.zeros_like(old.array)))
-    start = tuple(min(a, b) for a, b in zip(old.start_kji, new.start_kji))
-    stop = tuple(max(a, b) for a, b in zip(old.stop_kji, new.stop_kji))
+    start, stop = old.union_box(new)
     array = np.zeros(tuple(b - a for a, b in zip(start, stop)), dtype=bool)
-    offset = tuple(slice(n - s, n - s + d) for n, s, d in zip(new.start_kji, start, new.array.shape))
-    array[offset] = new.array
+    array[tuple(slice(n - s, n - s + d) for n, s, d in zip(new.start_kji, start, new.array.shape))] = new.array
     return MaskPatch(start, array)
 
+
+def _box_union(a, b):
+    if a is None or b is None:
+        return a if b is None else b
+    return (tuple(min(x, y) for x, y in zip(a[0], b[0])), tuple(max(x, y) for x, y in zip(a[1], b[1])))
+
+
+def _box_intersection(a, b):
+    if a is None or b is None:
+        return None
+    start = tuple(max(x, y) for x, y in zip(a[0], b[0]))
+    stop = tuple(min(x, y) for x, y in zip(a[1], b[1]))
+    return None if any(s >= e for s, e in zip(start, stop)) else (start, stop)
+
+
+def _roi_corners_lps(roi: RoiGeometry) -> np.ndarray:
+    edge = (-0.5, roi.size - 0.5)
+    return roi.voxel_to_lps(np.stack(np.meshgrid(edge, edge, edge, indexing="ij"), -1).reshape(-1, 3))
+
+
+def _roi_within(inner: RoiGeometry, outer: RoiGeometry) -> bool:
+    """Whether the cube of ``inner`` lies inside the cube of ``outer``."""
+    return all(outer.contains(c, -1e-6) for c in _roi_corners_lps(inner))
+
+
+# -- carrying logits between crops -------------------------------------------------
+
+def sample_logits(logits: torch.Tensor, roi: RoiGeometry, points_lps) -> tuple[torch.Tensor, np.ndarray]:
+    """A crop's low-res logits (1, 1, s, s, s) read at LPS points (..., 3) as the
+    reference pipeline's upsampled mask holds them (``F.interpolate`` to the
+    crop, trilinear, align_corners=False, edges clamped); returns (values on the
+    logits' device, whether each point lies inside the crop)."""
+    voxels = roi.lps_to_voxel(points_lps)
+    normalised = 2 * (voxels + 0.5) / roi.size - 1
+    inside = np.all(np.abs(normalised) <= 1 + 1e-6, axis=-1)
+    # grid_sample takes (x, y, z) = (last, middle, first) tensor axes.
+    grid = torch.from_numpy(normalised.reshape(1, 1, 1, -1, 3)).float().flip(-1).to(logits.device)
+    values = F.grid_sample(logits.float().reshape(1, 1, *logits.shape[-3:]), grid, mode="bilinear",
+                           padding_mode="border", align_corners=False)
+    return values.reshape(voxels.shape[:-1]), inside
+
+
+def tiles_at(tiles, points_lps, device) -> torch.Tensor:
+    """The object's logits at LPS points (..., 3), merged as its mask is: the
+    newest pass covering a point gives its value (the largest of that pass's
+    tiles: their union); points no tile covers get the lowest logit of all."""
+    points = np.asarray(points_lps, dtype=float)
+    background = min(float(t.logits.min()) for t in tiles)
+    merged = torch.full(points.shape[:-1], background, dtype=torch.float32, device=device)
+    for _, group in groupby(sorted(tiles, key=lambda t: t.pass_index), key=lambda t: t.pass_index):
+        best = torch.full_like(merged, float("-inf"))
+        covered = np.zeros(points.shape[:-1], dtype=bool)
+        for tile in group:
+            values, inside = sample_logits(tile.logits, tile.roi, points)
+            inside_t = torch.from_numpy(inside).to(device)
+            best = torch.where(inside_t, torch.maximum(best, values.to(device)), best)
+            covered |= inside
+        merged = torch.where(torch.from_numpy(covered).to(device), best, merged)
+    return merged
+
+
+def logits_for_crop(tiles, roi: RoiGeometry, low_res_size: int, device) -> torch.Tensor:
+    """The object's logits carried over to ``roi``'s low-res grid (1, 1, s, s, s):
+    the mask prompt of a pass on that crop."""
+    if len(tiles) == 1 and tiles[0].roi == roi:
+        return tiles[0].logits.to(device)
+    s = low_res_size
+    cells = (np.arange(s) + 0.5) * (roi.size / s) - 0.5        # cell centres in crop voxels
+    grid = np.stack(np.meshgrid(cells, cells, cells, indexing="ij"), axis=-1)
+    return tiles_at(tiles, roi.voxel_to_lps(grid), device).reshape(1, 1, s, s, s)
+
+
+# -- the ROI policy ------------------------------------------------------------
+
+class RoiPolicy:
+    """Chooses the crops (centre and spacing) of each decoder pass of one object.
+
+    setting "fixed": every crop at ``model_spacing``; a number: at that spacing;
+    "auto": a spacing from ``ladder`` so the object (its mask and positive
+    clicks) fills at most ``fill`` of the crop, the first click at
+    ``model_spacing``. The ladder is cut to the model's trained range and to no
+    finer than the scan's finest voxel spacing (or ``model_spacing`` if that is
+    finer): finer crops only interpolate.
+
+    A click inside a crop that still suits the object reuses it (decoder only).
+    Otherwise the crop moves to hold the object, if it fits in one crop and the
+    moved crop holds the click; a positive click beyond that starts a new tile
+    centred on itself (the object's crop set grows); a crop is never centred on
+    a negative click, and a negative click outside every crop needs no pass.
+    """
+
+    def __init__(self, size: int, model_spacing: float, setting="fixed", image_spacing=None,
+                 trained_range=None, ladder=SPACING_LADDER_MM, fill: float = 0.7,
+                 margin: int = 8, refine: bool = False):
+        self.size = int(size)
+        self.setting = parse_spacing(setting)
+        self.model_spacing = float(model_spacing)
+        self.fill = fill
+        self.margin = margin
+        self.refine = refine            # re-run at once on the zoomed crop after a pass
+        if self.setting == "auto":
+            finest = min(self.model_spacing, min(image_spacing)) if image_spacing is not None else 0.0
+            lo, hi = trained_range if trained_range is not None else (0.0, np.inf)
+            steps = sorted(s for s in ladder if finest * (1 - 1e-6) <= s and lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6))
+            self.steps = tuple(steps) or (self.model_spacing,)
+        else:
+            self.steps = (self.model_spacing if self.setting == "fixed" else self.setting,)
+
+    @property
+    def initial_spacing(self) -> float:
+        return self.model_spacing if self.setting == "auto" else self.steps[0]
+
+    def spacing_for(self, extent_mm: float) -> float:
+        """The finest step whose crop the extent fills at most ``fill`` of (the coarsest if none)."""
+        for step in self.steps:
+            if extent_mm <= self.fill * self.size * step:
+                return step
+        return self.steps[-1]
+
+    def fits(self, box_lps, spacing: float) -> bool:
+        """Whether the LPS box (2, 3) fits in one crop of ``spacing`` inside its margin."""
+        return bool(np.all(box_lps[1] - box_lps[0] <= (self.size - 2 * self.margin - 1) * spacing))
+
+    def crop(self, centre_lps, spacing: float) -> RoiGeometry:
+        return roi_for_point(centre_lps, size=self.size, spacing=spacing)
+
+    def suits(self, roi: RoiGeometry, box_lps) -> bool:
+        """Whether ``roi`` can stay the object's crop: at the wanted spacing, or
+        one step finer while the object still fits (no zooming back and forth)."""
+        wanted = self.spacing_for(float(np.max(box_lps[1] - box_lps[0])))
+        if roi.spacing == wanted:
+            return True
+        finer = [s for s in self.steps if s < wanted]
+        return bool(finer) and roi.spacing == finer[-1] and self.fits(box_lps, roi.spacing)
+
+    def plan(self, click: PhysicalClick, clicks, tiles, mask_box_lps) -> list[RoiGeometry]:
+        """The crops of the pass for ``click`` (the newest of ``clicks``)."""
+        p = np.asarray(click.point_lps)
+        if not tiles:
+            return [self.crop(p, self.initial_spacing)] if click.positive else []
+        box = _object_box(clicks, mask_box_lps)
+        containing = list(dict.fromkeys(t.roi for t in tiles if t.roi.contains(p, self.margin)))
+        staying = [roi for roi in containing if self.suits(roi, box)]
+        if staying:
+            return staying
+        spacing = self.spacing_for(float(np.max(box[1] - box[0])))
+        if self.fits(box, spacing):
+            moved = self.crop(box.mean(axis=0), spacing)
+            if moved.contains(p, self.margin):
+                return [moved]
+        if containing:
+            return containing
+        return [self.crop(p, spacing)] if click.positive else []
+
+    def zoom(self, ran, clicks, mask_box_lps) -> RoiGeometry | None:
+        """The crop to re-run on at once after a pass on ``ran`` (``refine``):
+        the object's own crop when that one does not suit it; else None."""
+        if not self.refine or self.setting != "auto" or len(ran) != 1:
+            return None
+        box = _object_box(clicks, mask_box_lps)
+        if self.suits(ran[0], box):
+            return None
+        spacing = self.spacing_for(float(np.max(box[1] - box[0])))
+        return self.crop(box.mean(axis=0), spacing) if self.fits(box, spacing) else None
+
+
+def _object_box(clicks, mask_box_lps) -> np.ndarray:
+    """(2, 3) LPS min/max of the mask's box and the positive clicks."""
+    points = [c.point_lps for c in clicks if c.positive]
+    if mask_box_lps is not None:
+        points += list(mask_box_lps)
+    points = np.asarray(points, dtype=float).reshape(-1, 3)
+    return np.stack([points.min(0), points.max(0)])
+
+
+def _mask_box_lps(image: sitk.Image, patch: MaskPatch | None) -> np.ndarray | None:
+    """(2, 3) LPS min/max of the patch's box (its corner voxel centres)."""
+    if patch is None:
+        return None
+    start, stop = np.array(patch.start_kji[::-1]), np.array(patch.stop_kji[::-1]) - 1
+    corners = np.stack(np.meshgrid(*zip(start, stop), indexing="ij"), axis=-1).reshape(-1, 3)
+    lps = np.array([image.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners.astype(float)])
+    return np.stack([lps.min(0), lps.max(0)])
+
+
+# -- the engine ----------------------------------------------------------------
 
 class Engine:
     """Model + device + embedding cache, shared by the sessions of an application.
 
     Thread-safe: every model call and cache access holds one lock, so a GUI
     may run clicks on a worker thread.
+
+    spacing: the sessions' default crop spacing (see ``RoiPolicy``): "auto",
+    "fixed" or mm; None: "auto" for a model trained across spacings
+    (``ModelConfig.trained_spacing_range_mm``), else "fixed".
+    cache_bytes / image_cache_bytes: bounds of the embedding cache and of the
+    engine's own float32 copies of images. A cached image and its embeddings
+    are dropped as soon as the caller lets the image go (a changed volume is a
+    new image) or calls ``forget_image``.
+    cpu_fallback: a session whose model call fails on the GPU (out of memory)
+    continues on a CPU copy of the model; other sessions stay on the GPU.
     """
 
     def __init__(self, model: str | Sam3D = "default", device: str = "auto",
-                 precision: str = "auto", checkpoint=None, cache_size: int = 8,
-                 cpu_fallback: bool = True, fast: bool | str = "auto"):
+                 precision: str = "auto", checkpoint=None, cache_bytes: int = 512 << 20,
+                 image_cache_bytes: int = 2 << 30, cpu_fallback: bool = True,
+                 fast: bool | str = "auto", spacing=None):
         self.device = resolve_device(device)
         if isinstance(model, Sam3D):
             self.model = model.eval().to(self.device)
         else:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
+        self.spacing = parse_spacing(spacing if spacing is not None else (
+            "auto" if self.model.config.trained_spacing_range_mm is not None else "fixed"))
         # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
         # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
         # serves, so the float32 master encoder waits on the CPU (for the CPU fallback).
@@ -120,12 +373,16 @@ class Engine:
             self.model.image_encoder.to("cpu")
             torch.cuda.empty_cache()
         self.cpu_fallback = cpu_fallback
+        self._cpu_engine: Engine | None = None
         self.encoder_calls = 0
         self._lock = threading.RLock()
-        # (id(image), roi) -> (image, embedding); holding the image keeps its id unique.
-        self._cache: OrderedDict[tuple, tuple[sitk.Image, torch.Tensor]] = OrderedDict()
-        self._cache_size = cache_size
-        self._images: dict = {}
+        # (id(image), roi) -> embedding; entries of an image go when the image is collected.
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._watched: dict[int, weakref.finalize] = {}
+        # path or id(source) -> (weakref to the source or the path, prepared image or None = the source)
+        self._images: OrderedDict = OrderedDict()
+        self._image_cache_bytes = image_cache_bytes
 
     def _choose_precision(self, precision: str) -> torch.dtype:
         if precision == "auto":
@@ -155,21 +412,73 @@ class Engine:
     def new_session(self, image: sitk.Image | str | Path, **options) -> "InteractiveSession":
         """A session for one object. Sessions given the same image object (or
         path) share the validated image and its cached embeddings."""
-        return InteractiveSession(self, self.prepare_image(image), **options)
+        return InteractiveSession(self, image, **options)
 
+    # -- caches -------------------------------------------------------------
     def prepare_image(self, image: sitk.Image | str | Path) -> sitk.Image:
         """The validated float32 image for ``image``, made once per image object or path."""
-        key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else id(image)
+        is_path = isinstance(image, (str, Path))
+        key = str(Path(image).resolve()) if is_path else id(image)
         with self._lock:
             entry = self._images.get(key)
-            if entry is None or (not isinstance(key, str) and entry[0] is not image):
-                prepared = load_image(image) if isinstance(key, str) else validate_image(image)
-                # Keeping the original alive keeps its id() from being reused.
-                entry = (image, prepared)
-                self._images[key] = entry
-                while len(self._images) > self._cache_size:
-                    self._images.pop(next(iter(self._images)))
-            return entry[1]
+            if entry is not None and (is_path or entry[0]() is image):
+                self._images.move_to_end(key)
+                return entry[1] if entry[1] is not None else image
+            prepared = load_image(image) if is_path else validate_image(image)
+            if is_path:
+                self._images[key] = (key, prepared)
+            else:
+                # Only a copy the engine made is held; the caller's own image is watched.
+                self._images[key] = (weakref.ref(image), None if prepared is image else prepared)
+                self._watch(image, key)
+            self._watch(prepared)
+            self._trim_images()
+            return prepared
+
+    def _watch(self, image: sitk.Image, image_key=None) -> None:
+        """Free an image's cache entries when it is collected."""
+        ident = id(image)
+        if ident not in self._watched:
+            self._watched[ident] = weakref.finalize(image, self._forget_id, ident, image_key)
+
+    def _forget_id(self, ident: int, image_key=None) -> None:
+        with self._lock:
+            self._watched.pop(ident, None)
+            if image_key is not None:
+                self._images.pop(image_key, None)
+            for key in [k for k in self._cache if k[0] == ident]:
+                del self._cache[key]
+
+    def forget_image(self, image: sitk.Image | str | Path) -> None:
+        """Drop the cached copy and embeddings of an image (e.g. its voxels changed)."""
+        with self._lock:
+            key = str(Path(image).resolve()) if isinstance(image, (str, Path)) else id(image)
+            entry = self._images.pop(key, None)
+            prepared = None if entry is None else entry[1]
+            for ident in {id(image), None if prepared is None else id(prepared)}:
+                if ident is not None:
+                    for cache_key in [k for k in self._cache if k[0] == ident]:
+                        del self._cache[cache_key]
+
+    @staticmethod
+    def _image_bytes(image: sitk.Image) -> int:
+        return image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel() * image.GetSizeOfPixelComponent()
+
+    def _trim_images(self) -> None:
+        def held():
+            return sum(self._image_bytes(p) for _, p in self._images.values() if p is not None)
+        while len(self._images) > 1 and held() > self._image_cache_bytes:
+            key, (_, prepared) = self._images.popitem(last=False)
+            if prepared is not None:
+                self._forget_id(id(prepared))
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes held by cached embeddings."""
+        return sum(e.element_size() * e.nelement() for e in self._cache.values())
+
+    def cached_rois(self, image: sitk.Image) -> list[RoiGeometry]:
+        return [roi for ident, roi in self._cache if ident == id(image)]
 
     # -- model calls -------------------------------------------------------
     def _autocast(self):
@@ -177,28 +486,32 @@ class Engine:
                               enabled=self.precision != torch.float32)
 
     def _run(self, fn):
-        """Run a model call; on CUDA out-of-memory fall back to the CPU (or say so)."""
+        """Run a model call; a GPU failure (out of memory) becomes GpuFailure, or
+        an EngineError when there is no CPU fallback."""
         try:
-            return fn(), False
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if not self.cpu_fallback:
-                raise EngineError("the GPU ran out of memory; close other GPU programs or "
-                                  "choose the CPU device") from None
-            warnings.warn("GPU out of memory: continuing on the CPU", stacklevel=3)
-            if self._fast is not None:
-                self._fast.release()
-                self._fast = None
+            return fn()
+        except Exception as exc:
+            if not _is_gpu_failure(exc):
+                raise
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self.device = torch.device("cpu")
-            self.model = self.model.to(self.device)
-            self.precision = torch.float32
-            self._fast = engine_fast_path(self.model, self.device, self.precision, self._fast_mode)
-            self._cache.clear()
-            return fn(), True
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if not self.cpu_fallback:
+                raise EngineError(f"the GPU ran out of memory ({detail}); close other GPU programs "
+                                  "or choose the CPU device") from None
+            raise GpuFailure(detail) from exc
 
-    def cached_rois(self, image: sitk.Image) -> list[RoiGeometry]:
-        return [roi for key, roi in self._cache if key == id(image)]
+    def cpu_engine(self) -> "Engine":
+        """A CPU copy of this engine, made on the first GPU failure, for the
+        sessions that fell back; this engine stays on its device."""
+        with self._lock:
+            if self._cpu_engine is None:
+                model = Sam3D(self.model.config)
+                model.load_state_dict({k: v.detach().to("cpu") for k, v in self.model.state_dict().items()})
+                self._cpu_engine = Engine(model, device="cpu", cache_bytes=self._cache_bytes,
+                                          image_cache_bytes=self._image_cache_bytes, cpu_fallback=False,
+                                          fast=self._fast_mode, spacing=self.spacing)
+            return self._cpu_engine
 
     def embedding(self, image: sitk.Image, roi: RoiGeometry) -> tuple[torch.Tensor, bool]:
         """The ROI's image embedding, from the cache or computed; returns
@@ -207,7 +520,7 @@ class Engine:
             key = (id(image), roi)
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return self._cache[key][1], False
+                return self._cache[key], False
             crop = extract_roi(image, roi)
 
             def encode():
@@ -218,10 +531,11 @@ class Engine:
                 with torch.inference_mode(), self._autocast():
                     return self.model.encode(volume)
 
-            embedding, _ = self._run(encode)
+            embedding = self._run(encode)
             self.encoder_calls += 1
-            self._cache[key] = (image, embedding)
-            while len(self._cache) > self._cache_size:
+            self._watch(image)
+            self._cache[key] = embedding
+            while len(self._cache) > 1 and self.cache_bytes > self._cache_bytes:
                 self._cache.popitem(last=False)
             return embedding, True
 
@@ -241,134 +555,225 @@ class Engine:
                     logits, iou = self.model.decode(embedding.to(self.device), points, lab, prompt)
                 return logits.float(), float(iou.float()[0, 0])
 
-            (logits, iou), _ = self._run(run)
-            return logits, iou
+            return self._run(run)
 
 
-def _resample_logits(logits: torch.Tensor, source: RoiGeometry, target: RoiGeometry) -> torch.Tensor:
-    """Carry low-res logits (1, 1, s, s, s) of one ROI over to another ROI of the
-    same size and spacing (a re-centred ROI keeps the mask prompt)."""
-    s = logits.shape[-1]
-    factor = source.size / s
-    # Centres of the target's low-res cells, in the target's full-resolution voxels.
-    cells = (torch.arange(s, dtype=torch.float64) + 0.5) * factor - 0.5
-    grid = torch.stack(torch.meshgrid(cells, cells, cells, indexing="ij"), dim=-1).numpy()
-    lps = target.voxel_to_lps(grid.reshape(-1, 3))
-    src = (source.lps_to_voxel(lps) + 0.5) / factor        # source low-res cell units
-    normalised = torch.from_numpy(2 * src / s - 1).float().reshape(1, s, s, s, 3)
-    # grid_sample takes (x, y, z) = (last, middle, first) tensor axes.
-    normalised = normalised.flip(-1).to(logits.device)
-    outside = float(logits.min())
-    shifted = F.grid_sample(logits - outside, normalised, mode="bilinear", padding_mode="zeros",
-                            align_corners=False)
-    return shifted + outside
-
+# -- one object ------------------------------------------------------------------
 
 class InteractiveSession:
     """One object being segmented on one image.
 
-    accumulate_clicks: pass every click to the decoder (SAM-Med3D's newer
-    pipeline); False = only the newest click, as FastSAM3D's evaluation did.
-    border_margin: a click closer than this many ROI voxels to the ROI border
-    re-centres the ROI (and re-embeds).
+    accumulate_clicks: pass every click inside a crop to the decoder (SAM-Med3D's
+    newer pipeline); False = only the newest click, as FastSAM3D's evaluation did.
+    border_margin: a click closer than this many crop voxels to a crop's border
+    does not count as inside it.
+    spacing: "auto", "fixed" or mm (see ``RoiPolicy``); default: the engine's.
+    refine: in "auto", re-run a click's pass at once on the zoomed crop.
+    max_history: undo states kept.
     """
 
     def __init__(self, engine: Engine, image: sitk.Image | str | Path,
-                 accumulate_clicks: bool = True, border_margin: int = 8):
+                 accumulate_clicks: bool = True, border_margin: int = 8, spacing=None,
+                 refine: bool = False, max_history: int = 100):
         self.engine = engine
         self.image = engine.prepare_image(image)
         self.accumulate_clicks = accumulate_clicks
-        self.border_margin = border_margin
-        self._history: list[_State] = [_State((), None, None, None)]
+        self.policy = RoiPolicy(engine.roi_size, engine.spacing_mm,
+                                engine.spacing if spacing is None else spacing,
+                                image_spacing=self.image.GetSpacing(),
+                                trained_range=engine.model.config.trained_spacing_range_mm,
+                                margin=border_margin, refine=refine)
+        self.max_history = max(1, int(max_history))
+        self._history: list[_Step] = [_Step()]
         self._position = 0
+        self._patch: MaskPatch | None = None       # the mask of the current step
+        self._calls = engine                       # the engine running this object's model calls
+        self.encoder_runs = 0                      # crops embedded for this object
 
     # -- state ---------------------------------------------------------------
     @property
-    def _state(self) -> _State:
+    def _step(self) -> _Step:
         return self._history[self._position]
 
     @property
-    def clicks(self) -> list[Click]:
-        return list(self._state.clicks)
+    def clicks(self) -> list[PhysicalClick]:
+        return list(self._step.clicks)
+
+    @property
+    def tiles(self) -> tuple[Tile, ...]:
+        return self._step.tiles
 
     @property
     def roi(self) -> RoiGeometry | None:
-        return self._state.roi
+        """The crop of the newest pass (None before the first)."""
+        tiles = self._step.tiles
+        return max(tiles, key=lambda t: t.pass_index).roi if tiles else None
 
     @property
     def patch(self) -> MaskPatch | None:
-        return self._state.patch
+        return self._patch
+
+    @property
+    def on_cpu_fallback(self) -> bool:
+        return self._calls is not self.engine
 
     def mask(self) -> np.ndarray:
         """The object's mask on the full image grid, (k, j, i) bool."""
         full = np.zeros(self.image.GetSize()[::-1], dtype=bool)
-        if self._state.patch is not None:
-            self._state.patch.paste_into(full)
+        if self._patch is not None:
+            self._patch.paste_into(full)
         return full
 
-    # -- clicks --------------------------------------------------------------
-    def _choose_roi(self, p_lps: np.ndarray, clicks: tuple[Click, ...]) -> RoiGeometry:
-        current = self._state.roi
-        margin = self.border_margin
-        if current is not None and current.contains(p_lps, margin):
-            return current
-        size, spacing = self.engine.roi_size, self.engine.spacing_mm
-        if current is None:
-            # A new object inside a region another object already embedded shares it.
-            for cached in self.engine.cached_rois(self.image):
-                if cached.size == size and cached.spacing == spacing and cached.contains(p_lps, 2 * margin):
-                    return cached
-            return roi_for_point(p_lps, size=size, spacing=spacing)
-        # Re-centre on the span of the clicks if it fits, else on the new click.
-        points = np.array([c.point_lps for c in clicks])
-        centre = (points.min(0) + points.max(0)) / 2
-        candidate = roi_for_point(centre, size=size, spacing=spacing)
-        if all(candidate.contains(np.array(c.point_lps), margin) for c in clicks):
-            return candidate
-        return roi_for_point(p_lps, size=size, spacing=spacing)
+    # -- the mask from tiles ----------------------------------------------------
+    def _paste(self, roi: RoiGeometry, logits: torch.Tensor, box) -> np.ndarray:
+        return logits_to_patch_fast(self.image, roi, logits, box).array
 
-    def add_click(self, point, positive: bool = True, space: str = "ras") -> ClickResult:
+    def _paint(self, base: MaskPatch | None, tiles) -> MaskPatch | None:
+        """``base`` with one pass's tiles painted over it: inside their crops the
+        union of their masks, outside them ``base``. Only the boxes that can
+        change are evaluated: each tile's positive box and base's box inside it."""
+        base_box = None if base is None else (base.start_kji, base.stop_kji)
+        jobs = []
+        for tile in tiles:
+            crop_box = roi_box_on_image(self.image, tile.roi)
+            if crop_box is None:
+                continue
+            overlap = _box_intersection(base_box, crop_box)
+            box = _box_union(positive_box_on_image(self.image, tile.roi, tile.logits), overlap)
+            if box is not None:
+                jobs.append((tile, box, overlap))
+        out_box = base_box
+        for _, box, _ in jobs:
+            out_box = _box_union(out_box, box)
+        if out_box is None:
+            return None
+        start = out_box[0]
+        shape = tuple(b - a for a, b in zip(*out_box))
+        array = np.zeros(shape, dtype=bool)
+        if base is not None:
+            array[tuple(slice(b - s, b - s + n) for b, s, n in zip(base.start_kji, start, base.array.shape))] = base.array
+        # Inside the crops base gives way: only its True voxels need the crops' coverage.
+        covered = np.zeros(shape, dtype=bool)
+        positive = np.zeros(shape, dtype=bool)
+
+        def region(box):
+            return tuple(slice(a - s, b - s) for a, b, s in zip(box[0], box[1], start))
+        for tile, box, overlap in jobs:
+            positive[region(box)] |= self._paste(tile.roi, tile.logits, box)
+            if overlap is not None:
+                covered[region(overlap)] |= self._paste(tile.roi, torch.ones_like(tile.logits), overlap)
+        return _cropped(start, (array & ~covered) | positive)
+
+    def _mask_of(self, tiles) -> MaskPatch | None:
+        patch = None
+        for _, group in groupby(sorted(tiles, key=lambda t: t.pass_index), key=lambda t: t.pass_index):
+            patch = self._paint(patch, list(group))
+        return patch
+
+    # -- clicks --------------------------------------------------------------
+    def _run_pass(self, crops, clicks, tiles, pass_index: int, counts: dict):
+        """Decoder passes on ``crops`` (each with the clicks inside it and the
+        object's logits carried over as mask prompt) -> new tiles."""
+        engine = self._calls
+        s = engine.model.low_res_size
+        used = clicks if self.accumulate_clicks else clicks[-1:]
+        new, ious = [], []
+        for roi in crops:
+            inside = [c for c in used if roi.contains(np.array(c.point_lps), 0)]
+            if not inside:
+                continue
+            t0 = time.perf_counter()
+            embedding, computed = engine.embedding(self.image, roi)
+            counts["encoder_runs"] += int(computed)
+            counts["encode"] += time.perf_counter() - t0
+            if tiles:
+                prompt = logits_for_crop(tiles, roi, s, engine.device)
+            else:
+                # The official loops give an all-zero mask prompt on the first click.
+                prompt = torch.zeros(1, 1, s, s, s, device=engine.device)
+            points = roi.lps_to_voxel(np.array([c.point_lps for c in inside]))
+            labels = np.array([int(c.positive) for c in inside])
+            t0 = time.perf_counter()
+            logits, iou = engine.decode(embedding, points, labels, prompt)
+            counts["decode"] += time.perf_counter() - t0
+            new.append(Tile(roi, logits, pass_index))
+            ious.append(iou)
+        return new, ious
+
+    def _first_crop(self, crops):
+        """A new object inside a crop another object already embedded shares it."""
+        if len(crops) != 1:
+            return crops
+        wanted = crops[0]
+        centre = np.array(wanted.center_lps)
+        for cached in self._calls.cached_rois(self.image):
+            if (cached.size == wanted.size and cached.spacing == wanted.spacing
+                    and cached.contains(centre, 2 * self.policy.margin)):
+                return [cached]
+        return crops
+
+    def _click(self, click: PhysicalClick, started: float) -> MaskUpdate:
+        previous = self._step
+        base = self._patch
+        clicks = previous.clicks + (click,)
+        tiles = list(previous.tiles)
+        counts = {"encoder_runs": 0, "encode": 0.0, "decode": 0.0}
+        crops = self.policy.plan(click, clicks, tiles, _mask_box_lps(self.image, base))
+        if not tiles:
+            crops = self._first_crop(crops)
+        next_pass = max((t.pass_index for t in tiles), default=-1) + 1
+        patch, ran, ious = base, [], []
+        while crops:
+            new, pass_ious = self._run_pass(crops, clicks, tiles, next_pass, counts)
+            if not new:
+                break
+            tiles = [t for t in tiles if not any(_roi_within(t.roi, n.roi) for n in new)] + new
+            patch = self._paint(patch, new)
+            ran += [t.roi for t in new]
+            ious = pass_ious
+            next_pass += 1
+            zoomed = self.policy.zoom([t.roi for t in new], clicks, _mask_box_lps(self.image, patch))
+            crops = [zoomed] if zoomed is not None and zoomed not in ran else []
+        self._push(_Step(clicks, tuple(tiles)), patch)
+        self.encoder_runs += counts["encoder_runs"]
+        done = time.perf_counter()
+        known = {t.roi for t in previous.tiles}
+        return MaskUpdate(
+            patch=_union_patch(base, patch), reembedded=counts["encoder_runs"] > 0,
+            encoder_runs=counts["encoder_runs"], recentred=bool(previous.tiles) and any(r not in known for r in ran),
+            iou=ious[0] if ious else None, roi=ran[-1] if ran else self.roi, crops=tuple(ran),
+            fell_back_to_cpu=self.on_cpu_fallback,
+            timings={"encode": counts["encode"], "decode": counts["decode"],
+                     "paste": done - started - counts["encode"] - counts["decode"], "total": done - started})
+
+    def _push(self, step: _Step, patch: MaskPatch | None) -> None:
+        self._history = self._history[:self._position + 1] + [step]
+        if len(self._history) > self.max_history:
+            del self._history[:len(self._history) - self.max_history]
+        self._position = len(self._history) - 1
+        self._patch = patch
+
+    def _with_cpu_fallback(self, operation):
+        """Run ``operation``; if the GPU fails it, continue this object on the CPU."""
+        try:
+            return operation()
+        except GpuFailure as failure:
+            warnings.warn(f"GPU out of memory ({failure}): this object continues on the CPU "
+                          "(slower); other objects keep the GPU", stacklevel=3)
+            self._calls = self.engine.cpu_engine()
+            self.image = self._calls.prepare_image(self.image)
+            return operation()
+
+    def add_click(self, point, positive: bool = True, space: str = "ras") -> MaskUpdate:
         """Add a +/- click and return the updated mask."""
         started = time.perf_counter()
-        device_before = self.engine.device
         p_lps = point_to_lps(self.image, point, space)
         if not is_inside(self.image, p_lps):
-            raise ImageError(f"the point {tuple(np.round(np.asarray(point, float), 2))} ({space}) "
-                             "lies outside the image")
+            raise ImageError(f"the point {tuple(round(float(v), 2) for v in np.asarray(point, float))} "
+                             f"({space}) lies outside the image")
+        click = PhysicalClick(tuple(float(v) for v in p_lps), bool(positive))
         with self.engine._lock:
-            previous = self._state
-            clicks = previous.clicks + (Click(tuple(float(v) for v in p_lps), bool(positive)),)
-            roi = self._choose_roi(p_lps, clicks)
-            embedding, computed = self.engine.embedding(self.image, roi)
-            encoded = time.perf_counter()
-
-            prompt = previous.low_res_logits
-            if prompt is not None and previous.roi != roi:
-                prompt = _resample_logits(prompt, previous.roi, roi)
-            if prompt is None:
-                # The official loops give an all-zero mask prompt on the first click.
-                s = self.engine.model.low_res_size
-                prompt = torch.zeros(1, 1, s, s, s, device=self.engine.device)
-            used = clicks if self.accumulate_clicks else clicks[-1:]
-            used = [c for c in used if roi.contains(np.array(c.point_lps), 0)]
-            points = roi.lps_to_voxel(np.array([c.point_lps for c in used]))
-            labels = np.array([int(c.positive) for c in used])
-            logits, iou = self.engine.decode(embedding, points, labels, prompt)
-            decoded = time.perf_counter()
-
-            # Evaluated only on the box the mask can occupy, then cut to its content.
-            new_patch = _crop_to_content(logits_to_patch_fast(self.image, roi, logits[0, 0]))
-            state = _State(clicks, roi, logits, new_patch)
-            self._history = self._history[:self._position + 1] + [state]
-            self._position += 1
-            patch = _union_patch(previous.patch, new_patch)
-            done = time.perf_counter()
-        return ClickResult(
-            patch=patch, reembedded=computed,
-            recentred=previous.roi is not None and roi != previous.roi, iou=iou, roi=roi,
-            fell_back_to_cpu=device_before != self.engine.device,
-            timings={"encode": encoded - started, "decode": decoded - encoded,
-                     "paste": done - decoded, "total": done - started})
+            return self._with_cpu_fallback(lambda: self._click(click, started))
 
     @property
     def can_undo(self) -> bool:
@@ -379,40 +784,45 @@ class InteractiveSession:
         return self._position < len(self._history) - 1
 
     def prefetch(self, point, space: str = "ras") -> bool:
-        """Compute (or find cached) the embedding of the ROI a first click at
-        ``point`` would use, so that click then costs one decoder pass; returns
-        whether the encoder ran (False also for a point outside the image: a
-        prefetch is only a hint). (Segment Editor's "Initialize".)"""
+        """Compute (or find cached) the embeddings of the crops a positive click
+        at ``point`` would use, so that click then costs decoder passes only;
+        returns whether the encoder ran (False also for a point outside the
+        image: a prefetch is only a hint). (Segment Editor's "Initialize".)"""
         p_lps = point_to_lps(self.image, point, space)
         if not is_inside(self.image, p_lps):
             return False
+        click = PhysicalClick(tuple(float(v) for v in p_lps), True)
         with self.engine._lock:
-            clicks = self._state.clicks + (Click(tuple(float(v) for v in p_lps), True),)
-            return self.engine.embedding(self.image, self._choose_roi(p_lps, clicks))[1]
+            def embed():
+                step = self._step
+                crops = self.policy.plan(click, step.clicks + (click,), step.tiles,
+                                         _mask_box_lps(self.image, self._patch))
+                if not step.tiles:
+                    crops = self._first_crop(crops)
+                return any([self._calls.embedding(self.image, roi)[1] for roi in crops])
+            return self._with_cpu_fallback(embed)
 
-    def _move(self, step: int) -> ClickResult | None:
+    def _move(self, step: int) -> MaskUpdate | None:
         target = self._position + step
         if not 0 <= target < len(self._history):
             return None
-        old = self._state
+        old = self._patch
         self._position = target
-        new = self._state
-        return ClickResult(patch=_union_patch(old.patch, new.patch), roi=new.roi)
+        self._patch = self._mask_of(self._step.tiles)
+        return MaskUpdate(patch=_union_patch(old, self._patch), roi=self.roi)
 
-    def undo(self) -> ClickResult | None:
+    def undo(self) -> MaskUpdate | None:
         """Go back one click; None if there is nothing to undo."""
         with self.engine._lock:
             return self._move(-1)
 
-    def redo(self) -> ClickResult | None:
+    def redo(self) -> MaskUpdate | None:
         with self.engine._lock:
             return self._move(+1)
 
-    def reset(self) -> ClickResult:
-        """Forget every click (undoable); the cached embedding is kept."""
+    def reset(self) -> MaskUpdate:
+        """Forget every click (undoable); the cached embeddings are kept."""
         with self.engine._lock:
-            old = self._state
-            empty = _State((), None, None, None)
-            self._history = self._history[:self._position + 1] + [empty]
-            self._position += 1
-            return ClickResult(patch=_union_patch(old.patch, None))
+            old = self._patch
+            self._push(_Step(), None)
+            return MaskUpdate(patch=_union_patch(old, None))

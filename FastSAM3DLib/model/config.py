@@ -65,6 +65,9 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Voxel spacing (mm) of the crops the weights were trained on.
     spacing_mm: float = 1.5
+    # (finest, coarsest) crop spacing in mm the weights were trained across; None = trained at
+    # spacing_mm only (the official checkpoints): the engine then keeps the spacing fixed by default.
+    trained_spacing_range_mm: tuple[float, float] | None = None
 
     @property
     def image_embedding_size(self) -> int:
@@ -86,6 +89,8 @@ class ModelConfig:
             mask_in_chans=data.get("mask_in_chans", 16),
             decoder=DecoderConfig(**data.get("decoder", {})),
             spacing_mm=data.get("spacing_mm", 1.5),
+            trained_spacing_range_mm=(None if data.get("trained_spacing_range_mm") is None
+                                      else tuple(float(v) for v in data["trained_spacing_range_mm"])),
         )
 
 
