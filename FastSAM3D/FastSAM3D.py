@@ -39,6 +39,7 @@ _ensureFastSAM3DLibImportable()
 TORCH_REQUIREMENT = ">=2.4,<3"
 
 DEVICES = ["auto", "cuda", "cpu"]          # order of the device combo box items
+SPACINGS = ["", "auto", "fixed", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0"]   # "" = the model's default
 
 
 class InstallError(RuntimeError):
@@ -156,6 +157,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.updateModelList()
         self.ui.deviceComboBox.setCurrentIndex(DEVICES.index(self.logic.device))
+        self.addSpacingChoice()
         self.initializeParameterNode()
         self.updateGUI()
 
@@ -417,6 +419,33 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelInfoLabel.text = entry.description if entry else ""
         self.updateGUI()
 
+    def addSpacingChoice(self) -> None:
+        """Crop spacing: the model's default, auto (zoom), fixed, or mm (editable)."""
+        layout = self.ui.deviceComboBox.parentWidget().layout()
+        combo = qt.QComboBox()
+        combo.editable = True
+        combo.toolTip = _("Crop spacing of the model's input. Auto: each object's crop follows its size "
+                          "(models trained across spacings). Fixed: the model's training spacing (1.5 mm for "
+                          "the official checkpoints). Or a spacing in mm.")
+        for value in SPACINGS:
+            combo.addItem(_("Model default") if not value else (value if value in ("auto", "fixed") else value + " mm"),
+                          value)
+        combo.setCurrentIndex(max(combo.findData(self.logic.spacing), 0))
+        combo.connect("currentIndexChanged(int)", lambda i: self.onSpacingChanged(combo.itemData(i)))
+        combo.lineEdit().connect("editingFinished()", lambda: self.onSpacingChanged(
+            combo.currentText.replace("mm", "").strip() if combo.findText(combo.currentText) < 0
+            else combo.itemData(combo.currentIndex)))
+        row = layout.rowCount()
+        layout.addWidget(qt.QLabel(_("Crop spacing:")), row, 0)
+        layout.addWidget(combo, row, 1)
+        self.ui.spacingComboBox = combo
+
+    def onSpacingChanged(self, value) -> None:
+        try:
+            self.logic.setSpacing(value)
+        except ValueError as exc:
+            self._showError(str(exc))
+
     def onDeviceChanged(self, index) -> None:
         self.logic.setDevice(DEVICES[index])
         self.ui.deviceLabel.text = _("Model not loaded yet.")
@@ -598,6 +627,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self.device = settings.value("FastSAM3D/Device", "auto") or "auto"
         if self.device not in DEVICES:
             self.device = "auto"
+        self.spacing = settings.value("FastSAM3D/Spacing", "") or ""     # "": the model's default
         self._worker = None
         self._engineFuture = None
         self._engineKey = None
@@ -683,6 +713,17 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             qt.QSettings().setValue("FastSAM3D/Device", device)
             self._dropEngine()
 
+    def setSpacing(self, value) -> None:
+        """Crop spacing of every session: "" (the model's default), "auto", "fixed" or mm."""
+        value = str(value or "").strip()
+        if value:
+            from FastSAM3DLib.session import parse_spacing
+            parse_spacing(value)             # a clear error for a bad value, before anything changes
+        self.spacing = value
+        qt.QSettings().setValue("FastSAM3D/Spacing", value)
+        for session in self._sessions.values():
+            session.set_spacing(value or None)
+
     def _dropEngine(self) -> None:
         self.closeAllSessions()
         self._engineFuture = None
@@ -735,7 +776,8 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
             session = None
         if session is None and create:
             session = bridge().SegmentSession(volume, segmentation, segmentId, engine=self.engine(),
-                                              overwrite_other_segments=overwriteOtherSegments)
+                                              overwrite_other_segments=overwriteOtherSegments,
+                                              spacing=self.spacing or None)
             self._sessions[key] = session
         return session
 

@@ -12,6 +12,9 @@ from pathlib import Path
 # The training time budget (--max-minutes) counts from the start of the command.
 _STARTED = time.monotonic()
 
+SPACING_HELP = ("crop spacing of the model's input: 'auto' (zoom: each object's crop spacing follows its "
+                "size), 'fixed' (the spacing the model was trained at), or a spacing in mm; default: auto "
+                "for models trained across spacings, fixed for the official checkpoints (1.5 mm only)")
 SPACE_HELP = ("coordinate system of the points: 'ras' = Slicer world coordinates "
               "(Right-Anterior-Superior, mm), 'lps' = DICOM/ITK coordinates (mm), "
               "'ijk' = voxel index (i, j, k) of the image, counted from 0")
@@ -85,8 +88,8 @@ def cmd_segment(args) -> int:
     objects = _objects_from_args(args)
     image = load_image(args.image)
     _log(f"loaded {args.image}: {image.GetSize()} voxels, spacing {tuple(round(s, 3) for s in image.GetSpacing())} mm")
-    engine = Engine(model=args.model, device=args.device)
-    _log(f"model {engine.model.config.name} on {engine.device_description}")
+    engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
+    _log(f"model {engine.model.config.name} on {engine.device_description}; crop spacing {engine.spacing}")
     labelmap = np.zeros(image.GetSize()[::-1], dtype=np.uint16 if max(o["label"] for o in objects) > 255 else np.uint8)
     for obj in objects:
         session = engine.new_session(image)
@@ -127,8 +130,8 @@ def cmd_evaluate(args) -> int:
         if not cases:
             raise ValueError(f"no case named {args.cases}")
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    engine = Engine(model=args.model, device=args.device)
-    _log(f"model {engine.model.config.name} on {engine.device_description}; rule {args.rule}, {args.clicks} clicks")
+    engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
+    _log(f"model {engine.model.config.name} on {engine.device_description}; crop spacing {engine.spacing}; rule {args.rule}, {args.clicks} clicks")
     bar = tqdm(desc="labels", unit="label", file=sys.stderr)
     started = time.perf_counter()
     results = evaluate_cases(engine, cases, rule=args.rule, n_clicks=args.clicks, seed=args.seed,
@@ -281,7 +284,7 @@ def cmd_web(args) -> int:
             return 2
         raise
     return serve(args.images, host=args.host, port=args.port, model=args.model, device=args.device,
-                 open_browser=args.open_browser)
+                 open_browser=args.open_browser, spacing=args.spacing)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -367,6 +370,15 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
                              "file (.safetensors, or an official FastSAM3D.pth / sam_med3d_turbo.pth)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where the model runs (auto = the GPU if there is one)")
+    parser.add_argument("--spacing", type=_parse_spacing, metavar="auto|fixed|MM", help=SPACING_HELP)
+
+
+def _parse_spacing(text: str):
+    from .session import parse_spacing
+    try:
+        return parse_spacing(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,9 +44,6 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 # Crop spacings (mm) the automatic zoom chooses from.
 SPACING_LADDER_MM = (0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
-SPACING_HELP = ("crop spacing: 'auto' (zoom: each object's crop spacing follows its size), 'fixed' "
-                "(the model's training spacing), or a spacing in mm; default: auto for models trained "
-                "across spacings, fixed for the official checkpoints (trained at 1.5 mm only)")
 
 
 class EngineError(RuntimeError):
@@ -578,17 +575,22 @@ class InteractiveSession:
         self.engine = engine
         self.image = engine.prepare_image(image)
         self.accumulate_clicks = accumulate_clicks
-        self.policy = RoiPolicy(engine.roi_size, engine.spacing_mm,
-                                engine.spacing if spacing is None else spacing,
-                                image_spacing=self.image.GetSpacing(),
-                                trained_range=engine.model.config.trained_spacing_range_mm,
-                                margin=border_margin, refine=refine)
+        self._border_margin, self._refine = border_margin, refine
+        self.set_spacing(spacing)
         self.max_history = max(1, int(max_history))
         self._history: list[_Step] = [_Step()]
         self._position = 0
         self._patch: MaskPatch | None = None       # the mask of the current step
         self._calls = engine                       # the engine running this object's model calls
         self.encoder_runs = 0                      # crops embedded for this object
+
+    def set_spacing(self, spacing=None) -> None:
+        """The crop spacing from the next click on: "auto", "fixed", mm, or None (the engine's)."""
+        engine = self.engine
+        self.policy = RoiPolicy(engine.roi_size, engine.spacing_mm, engine.spacing if spacing is None else spacing,
+                                image_spacing=self.image.GetSpacing(),
+                                trained_range=engine.model.config.trained_spacing_range_mm,
+                                margin=self._border_margin, refine=self._refine)
 
     # -- state ---------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ from .writer import SegmentEditorLogicWriter, read_segment, segment_ids
 
 
 @dataclass
-class ClickInfo:
+class SegmentUpdate:
     """What one operation did; timings in seconds."""
     operation: str                      # "click", "undo", "redo", "reset"
     changed: bool                       # something was written
@@ -116,10 +116,12 @@ class SegmentSession:
     engine: a ``FastSAM3DLib.session.Engine`` (default: a shared one for model/device).
     writer: a ``SegmentWriter`` (default: ``SegmentEditorLogicWriter``).
     overwrite_other_segments: only for the default writer (see writer.py).
+    spacing: the crop spacing, "auto", "fixed" or mm (None: the engine's default; see
+    ``FastSAM3DLib.session.RoiPolicy``).
     """
 
     def __init__(self, volume_node, segmentation_node, segment_id, model="default", device="auto",
-                 engine=None, writer=None, *, overwrite_other_segments=False, image=None):
+                 engine=None, writer=None, *, overwrite_other_segments=False, image=None, spacing=None):
         if volume_node is None or segmentation_node is None:
             raise ValueError("a volume node and a segmentation node are required")
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
@@ -131,7 +133,7 @@ class SegmentSession:
         self.segment_id = segment_id
         self.engine = engine if engine is not None else get_engine(model, device)
         self.image = image if image is not None else image_for_volume(self.engine, volume_node)
-        self._session = self.engine.new_session(self.image)
+        self._session = self.engine.new_session(self.image, spacing=spacing)
         ensure_reference_geometry(segmentation_node, volume_node)
         self._owns_writer = writer is None
         self.writer = writer if writer is not None else SegmentEditorLogicWriter(
@@ -156,6 +158,10 @@ class SegmentSession:
     @property
     def can_undo(self) -> bool:
         return len(self._before) > 0
+
+    def set_spacing(self, spacing) -> None:
+        """The crop spacing from the next click on: "auto", "fixed", mm or None (the engine's)."""
+        self._session.set_spacing(spacing)
 
     @property
     def touched_box(self):
@@ -197,7 +203,7 @@ class SegmentSession:
         return result
 
     # -- MRML halves (main thread) ---------------------------------------------
-    def apply_click(self, result, operation="click") -> ClickInfo:
+    def apply_click(self, result, operation="click") -> SegmentUpdate:
         started = time.perf_counter()
         patch = getattr(result, "patch", None) if result is not None else None
         if patch is None or np.asarray(patch.array).size == 0:
@@ -213,7 +219,7 @@ class SegmentSession:
             self._grow_touched(box)
         return self._info(operation, result, changed, box, started)
 
-    def apply_undo(self, result) -> ClickInfo:
+    def apply_undo(self, result) -> SegmentUpdate:
         """Restore the segment as it was before the undone operation."""
         started = time.perf_counter()
         changed, box = False, None
@@ -263,30 +269,30 @@ class SegmentSession:
             self._touched = (tuple(min(a, b) for a, b in zip(self._touched[0], box[0])),
                              tuple(max(a, b) for a, b in zip(self._touched[1], box[1])))
 
-    def _info(self, operation, result, changed, box, started) -> ClickInfo:
+    def _info(self, operation, result, changed, box, started) -> SegmentUpdate:
         write = time.perf_counter() - started
         engine_s = getattr(result, "_bridge_engine_seconds", 0.0) if result is not None else 0.0
         timings = {"engine": engine_s, "write": write, "total": engine_s + write}
         for k, v in (getattr(result, "timings", None) or {}).items():
             timings[f"engine_{k}"] = v
-        return ClickInfo(operation=operation, changed=changed, clicks=len(self._session.clicks),
+        return SegmentUpdate(operation=operation, changed=changed, clicks=len(self._session.clicks),
                          reembedded=bool(getattr(result, "reembedded", False)),
                          iou=getattr(result, "iou", None), box_kji=box, timings=timings)
 
     # -- both halves -------------------------------------------------------------
-    def add_click(self, ras, positive=True) -> ClickInfo:
+    def add_click(self, ras, positive=True) -> SegmentUpdate:
         """Add a +/- click at world RAS ``ras`` and write the result."""
         return self.apply_click(self.compute_click(ras, positive))
 
-    def undo(self) -> ClickInfo | None:
+    def undo(self) -> SegmentUpdate | None:
         result = self.compute_undo()
         return None if result is None else self.apply_undo(result)
 
-    def redo(self) -> ClickInfo | None:
+    def redo(self) -> SegmentUpdate | None:
         result = self.compute_redo()
         return None if result is None else self.apply_click(result, "redo")
 
-    def reset(self) -> ClickInfo:
+    def reset(self) -> SegmentUpdate:
         """Forget all clicks and clear what they wrote (undoable)."""
         return self.apply_click(self.compute_reset(), "reset")
 

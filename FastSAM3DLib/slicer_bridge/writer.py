@@ -214,9 +214,11 @@ class SegmentEditorLogicWriter:
                                             E.ModificationModeAdd, new.GetExtent(), False, not overwrite)
 
     # Slicer's own history of this segmentation (all segments)
+    @property
     def can_undo(self) -> bool:
         return bool(self._logic.CanUndo())
 
+    @property
     def can_redo(self) -> bool:
         return bool(self._logic.CanRedo())
 

@@ -31,6 +31,9 @@ from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # 
 from .segmenter import EXPORT_FORMATS, WebSegmenter, safe_label               # noqa: E402
 from .uploads import UPLOAD_SUFFIXES, UploadError                             # noqa: E402
 
+# The crop spacing choices offered (any other mm value can be typed).
+CROP_SPACINGS = ("model default", "auto", "fixed", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0")
+
 FOUR_UP = "Four-Up"
 
 
@@ -48,7 +51,7 @@ class FastSAM3DWebApp(TrameApp):
     """The app. ``engine``: a ready Engine (tests); else ``model``/``device``."""
 
     def __init__(self, server=None, images=(), model="default", device="auto", engine=None,
-                 show_3d_surfaces=True):
+                 show_3d_surfaces=True, spacing=None):
         super().__init__(server, client_type="vue3")
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
@@ -58,7 +61,7 @@ class FastSAM3DWebApp(TrameApp):
                                                   **LayoutManager.default_grid_configuration()})
         self.layout_manager.set_layout(FOUR_UP)
         self.segmenter = WebSegmenter(self.slicer_app, model=model, device=device, engine=engine,
-                                      show_3d_surfaces=show_3d_surfaces)
+                                      show_3d_surfaces=show_3d_surfaces, spacing=spacing)
         self.segmenter.listeners.append(self.sync_state)
         self._loop = None
         self.state.update({
@@ -67,11 +70,14 @@ class FastSAM3DWebApp(TrameApp):
             "export_formats": list(EXPORT_FORMATS), "export_name": "segmentation.nii.gz",
             "status": {}, "upload_error": "", "new_segment_name": "",
             "upload_accept": ",".join(UPLOAD_SUFFIXES),
+            "crop_spacing": "model default" if spacing is None else str(spacing),
+            "crop_spacings": list(CROP_SPACINGS),
         })
         self.state.change("active_volume")(self._on_active_volume)
         self.state.change("active_segment")(self._on_active_segment)
         self.state.change("tool_active")(self._on_tool_active)
         self.state.change("negative")(self._on_negative)
+        self.state.change("crop_spacing")(self._on_crop_spacing)
         self.state.change("export_format")(lambda **_: self.sync_state())
         self.ctrl.on_server_ready.add(self._on_server_ready)
         self._build_ui()
@@ -101,6 +107,13 @@ class FastSAM3DWebApp(TrameApp):
             "export_name": seg.export_name(self.state.export_format or EXPORT_FORMATS[0]),
         })
         self.state.flush()
+
+    def _on_crop_spacing(self, crop_spacing, **_):
+        try:
+            self.segmenter.set_spacing(None if crop_spacing in (None, "", "model default") else crop_spacing)
+        except ValueError as exc:
+            self.segmenter.error = str(exc)
+        self.sync_state()
 
     def _on_server_ready(self, **_):
         self._loop = asyncio.get_running_loop()
@@ -232,6 +245,8 @@ class FastSAM3DWebApp(TrameApp):
                    hide_details=True, color="error", id="fs3d-negative")
         html.Div("Left click: add to the segment. Right click: remove. Mouse wheel: change slice.",
                  classes="text-medium-emphasis my-1")
+        v3.VCombobox(v_model=("crop_spacing",), items=("crop_spacings",), label="crop spacing (auto, fixed, mm)",
+                     density="compact", hide_details=True, classes="my-1", id="fs3d-spacing")
         with html.Div(classes="d-flex"):
             v3.VBtn("Undo", click=self.undo, prepend_icon="mdi-undo", size="small", classes="mr-2",
                     disabled=("!status.can_undo",), id="fs3d-undo")
@@ -276,7 +291,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(images=(), host="127.0.0.1", port=8080, model="default", device="auto",
-          open_browser=False) -> int:
+          open_browser=False, spacing=None) -> int:
     """Start the server (blocking). Binds to loopback unless told otherwise."""
     from FastSAM3DLib.build import MODEL_NAMES
     for image in images:
@@ -291,7 +306,7 @@ def serve(images=(), host="127.0.0.1", port=8080, model="default", device="auto"
     sys.argv = sys.argv[:1]
     from trame.app import get_server
     server = get_server("fastsam3d-web", client_type="vue3")
-    app = FastSAM3DWebApp(server, images=images, model=model, device=device)
+    app = FastSAM3DWebApp(server, images=images, model=model, device=device, spacing=spacing)
     print(f"fastsam3d web: http://{host if ':' not in host else f'[{host}]'}:{port}/ "
           f"(model '{model}', device '{device}')", file=sys.stderr, flush=True)
     app.server.start(host=host, port=port, open_browser=open_browser, timeout=0,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from FastSAM3DLib.slicer_bridge import (ClickInfo, EngineWorker, PromptPoints, SegmentSession,
+from FastSAM3DLib.slicer_bridge import (SegmentUpdate, EngineWorker, PromptPoints, SegmentSession,
                                         export_labelmap, get_engine, read_segment)
 from FastSAM3DLib.slicer_bridge.export import LABELMAP_SUFFIXES
 
@@ -56,12 +56,13 @@ class WebSegmenter:
     """
 
     def __init__(self, slicer_app, model="default", device="auto", engine=None,
-                 show_3d_surfaces=True):
+                 show_3d_surfaces=True, spacing=None):
         self.app = slicer_app
         self.scene = slicer_app.scene
         self.editor = slicer_app.segmentation_editor
         self.model = model
         self.device = device
+        self.spacing = spacing                     # crop spacing: None (model default), auto, fixed, mm
         self.show_3d_surfaces = show_3d_surfaces
         self.worker = EngineWorker("FastSAM3D-web-engine")
         self._engine = engine
@@ -74,8 +75,8 @@ class WebSegmenter:
         self._sessions: dict = {}                  # (volume id, segmentation id, segment id) -> session
         self._history: dict = {}                   # volume id -> [session key, ...] (undo order)
         self._redo: dict = {}                      # volume id -> [session key, ...]
-        self.last: ClickInfo | None = None         # the last click
-        self.last_operation: ClickInfo | None = None
+        self.last: SegmentUpdate | None = None         # the last click
+        self.last_operation: SegmentUpdate | None = None
         self.revision = 0                          # +1 after every applied operation
         self.busy = False
         self.error = ""
@@ -288,20 +289,32 @@ class WebSegmenter:
             if volume is None or segmentation is None or segmentation.GetID() != key[1] \
                     or segmentation.GetSegmentation().GetSegment(key[2]) is None:
                 return None                    # gone meanwhile
-            session = SegmentSession(volume, segmentation, key[2], engine=self.engine)
+            session = SegmentSession(volume, segmentation, key[2], engine=self.engine, spacing=self.spacing)
             self._sessions[key] = session
         return session
 
+    def set_spacing(self, spacing) -> None:
+        """Crop spacing of every segment from its next click: None (the model's default),
+        "auto", "fixed" or mm."""
+        if spacing is not None:
+            from FastSAM3DLib.session import parse_spacing
+            spacing = parse_spacing(spacing)
+        self.spacing = spacing
+        for session in self._sessions.values():
+            session.set_spacing(spacing)
+
+    @property
     def can_undo(self) -> bool:
         return bool(self.volume is not None and self._history.get(self.volume.GetID()))
 
+    @property
     def can_redo(self) -> bool:
         return bool(self.volume is not None and self._redo.get(self.volume.GetID()))
 
     # -- operations (clicks, undo, redo, reset) ------------------------------------
     def click(self, ras, positive=True):
         """A positive/negative point at world RAS on the selected segment.
-        Returns the ClickInfo (synchronous) or an asyncio Task (in the server)."""
+        Returns the SegmentUpdate (synchronous) or an asyncio Task (in the server)."""
         # the segment selected now, even if the click waits behind another operation
         return self._operate("click", ras=[float(v) for v in ras], positive=bool(positive),
                              key=self._key(self.segment_id))
@@ -379,7 +392,7 @@ class WebSegmenter:
         return _Plan(kind, key, session, session.compute_redo,
                      lambda r: None if r is None else session.apply_click(r, "redo"))
 
-    def _finish(self, plan: _Plan, result) -> ClickInfo | None:
+    def _finish(self, plan: _Plan, result) -> SegmentUpdate | None:
         surfaces = self._pause_surfaces(plan.session.segmentation_node)
         try:
             info = plan.apply(result)
@@ -491,8 +504,8 @@ class WebSegmenter:
             "surfaces_pending": bool(self._surface_jobs),
             "busy": self.busy,
             "error": self.error,
-            "can_undo": self.can_undo(),
-            "can_redo": self.can_redo(),
+            "can_undo": self.can_undo,
+            "can_redo": self.can_redo,
         }
 
     def model_label(self) -> str:

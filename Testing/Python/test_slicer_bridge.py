@@ -289,7 +289,7 @@ def test_writer_replaces_only_its_box_and_has_slicer_undo(spine):
     w.save_undo_state()
     w.apply(MaskPatch((5, 5, 5), half))
     assert read_segment(seg, sid, vol).sum() == 32 + 27
-    assert w.can_undo()
+    assert w.can_undo
     w.undo()
     assert read_segment(seg, sid, vol).sum() == 64 + 27
     w.redo()

@@ -112,12 +112,12 @@ def test_right_click_removes_and_undo_restores(web, tiny_engine):
     np.testing.assert_array_equal(segment(segmenter), first)
     assert segmenter.prompts.nodes[False].GetNumberOfControlPoints() == 0
     segmenter.undo()
-    assert segment(segmenter).sum() == 0 and not segmenter.can_undo()
+    assert segment(segmenter).sum() == 0 and not segmenter.can_undo
     segmenter.redo()
     np.testing.assert_array_equal(segment(segmenter), first)
     segmenter.redo()
     np.testing.assert_array_equal(segment(segmenter), second)
-    assert not segmenter.can_redo()
+    assert not segmenter.can_redo
 
 
 def test_negative_switch_and_tool_off(web, tiny_engine):
