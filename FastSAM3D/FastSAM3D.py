@@ -121,6 +121,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._prompts = None
         self._tasks = None
         self._interactionNode = None
+        self.spacingComboBox = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -438,7 +439,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         row = layout.rowCount()
         layout.addWidget(qt.QLabel(_("Crop spacing:")), row, 0)
         layout.addWidget(combo, row, 1)
-        self.ui.spacingComboBox = combo
+        self.spacingComboBox = combo
 
     def onSpacingChanged(self, value) -> None:
         try:

@@ -214,7 +214,7 @@ except ImportError:                      # the engine has not landed: a stand-in
             return tuple(slice(a, b) for a, b in zip(self.start_kji, self.stop_kji))
 
 
-class FakeClickResult:
+class FakeMaskUpdate:
     def __init__(self, patch, reembedded=False):
         self.patch = patch
         self.reembedded = reembedded
@@ -234,15 +234,16 @@ class FakeEngine:
         self.radius_mm = radius_mm
         self.sessions = 0
 
-    def new_session(self, image):
+    def new_session(self, image, spacing=None):
         self.sessions += 1
-        return _FakeSession(self, image)
+        return _FakeSession(self, image, spacing)
 
 
 class _FakeSession:
-    def __init__(self, engine, image):
+    def __init__(self, engine, image, spacing=None):
         import SimpleITK as sitk
         self.engine = engine
+        self.spacing = spacing          # recorded only: the balls do not depend on it
         self.image = image
         size = image.GetSize()
         idx = np.indices(size[::-1]).reshape(3, -1)[::-1].T.astype(float)   # (i, j, k)
@@ -253,6 +254,9 @@ class _FakeSession:
         self._history = [()]
         self._pos = 0
         self._sitk = sitk
+
+    def set_spacing(self, spacing):
+        self.spacing = spacing
 
     @property
     def clicks(self):
@@ -272,12 +276,12 @@ class _FakeSession:
         before, after = self._mask(old), self._mask(new)
         union = before | after
         if not union.any():
-            return FakeClickResult(None, reembedded)
+            return FakeMaskUpdate(None, reembedded)
         nz = np.nonzero(union)
         start = tuple(int(v.min()) for v in nz)
         stop = tuple(int(v.max()) + 1 for v in nz)
         box = tuple(slice(a, b) for a, b in zip(start, stop))
-        return FakeClickResult(MaskPatch(start, after[box].copy()), reembedded)
+        return FakeMaskUpdate(MaskPatch(start, after[box].copy()), reembedded)
 
     def add_click(self, point, positive=True, space="ras"):
         p = np.asarray(point, float)

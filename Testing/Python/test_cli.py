@@ -87,3 +87,22 @@ def test_installed_command_and_help():
     assert result.returncode == 0
     for words in ("--point", "--negative", "ras", "Slicer", "voxel grid"):
         assert words in result.stdout
+
+
+def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch):
+    import FastSAM3DLib.session as session_module
+    crops = []
+    real = session_module.InteractiveSession.add_click
+
+    def add_click(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        crops.append(result.roi.spacing)
+        return result
+    monkeypatch.setattr(session_module.InteractiveSession, "add_click", add_click)
+    for spacing, crop_mm, logged in (("2.5", 2.5, "2.5"), ("fixed", 1.5, "fixed")):
+        code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "x.nii.gz", "--point", LIVER_RAS, "--model",
+                             "fastsam3d", "--device", "cpu", "--spacing", spacing], capsys)
+        assert code == 0 and crops[-1] == crop_mm and f"crop spacing {logged}" in err
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--image", str(SAMPLE), "--label", str(SAMPLE), "--spacing", "zoom"])
+    assert "auto, fixed or a spacing in mm" in capsys.readouterr().err

@@ -240,3 +240,16 @@ def test_import_weights_checks_and_caches(tmp_path):
         models.import_weights(text, cache)
     models.remove_model(entry.value)
     assert [e.value for e in models.available_models(cache)] == ["default"]
+
+
+def test_crop_spacing_reaches_the_engine_session(engine, spine):
+    """SegmentSession(spacing=...) and set_spacing: the crops the engine runs on."""
+    from FastSAM3DLib.slicer_bridge import SegmentSession
+    scene, _, vol = spine
+    seg, (a,) = new_segmentation(scene, vol)
+    s = SegmentSession(vol, seg, a, engine=engine, spacing=0.75)
+    assert s.compute_click(centre(vol, (30, 27, 26))).roi.spacing == 0.75
+    s.set_spacing("fixed")
+    assert s.compute_click(centre(vol, (31, 27, 26))).roi.spacing == engine.spacing_mm
+    with pytest.raises(ValueError, match="spacing"):
+        s.set_spacing("zoom")
