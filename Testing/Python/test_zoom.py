@@ -103,11 +103,11 @@ def test_the_ladder_picks_finer_crops_for_small_objects_and_coarser_for_large():
 
     engine = _engine(trained=(0.5, 3.0))
     assert engine.spacing == "auto"                              # trained across spacings: zoom on
-    small = engine.new_session(_ball(6, 0.5))                    # a 12 mm ball on a 0.5 mm scan
+    small = engine.new_session(_ball(6, 0.5), refine=False)      # a 12 mm ball on a 0.5 mm scan
     first = small.add_click(_centre_ijk(small.image), space="ijk")
     second = small.add_click(_centre_ijk(small.image), space="ijk")
     assert first.roi.spacing == 1.5 and second.roi.spacing == 0.5 and second.reembedded
-    large = engine.new_session(_ball(110, 2.0, shape=128))       # a 220 mm ball
+    large = engine.new_session(_ball(110, 2.0, shape=128), refine=False)   # a 220 mm ball
     large.add_click(_centre_ijk(large.image), space="ijk")
     assert large.add_click(_centre_ijk(large.image), space="ijk").roi.spacing == 3.0
     # The zoomed crop keeps the object and sharpens it: closer to the truth than the 1.5 mm one.
@@ -122,13 +122,14 @@ def test_the_ladder_picks_finer_crops_for_small_objects_and_coarser_for_large():
 
 def test_refine_reruns_at_once_on_the_zoomed_crop():
     engine = _engine(trained=(0.5, 3.0))
-    session = engine.new_session(_ball(6, 0.5), refine=True)
+    session = engine.new_session(_ball(6, 0.5))                  # refine: on by default
     result = session.add_click(_centre_ijk(session.image), space="ijk")
     assert [r.spacing for r in result.crops] == [1.5, 0.5] and result.encoder_runs == 2
     # The zoom pass got the first pass's logits carried over as its mask prompt.
     first, zoomed = engine.model.decoder_calls[-2:]
     carried = logits_for_crop([Tile(result.crops[0], first["logits"], 0)], result.crops[1], 32, "cpu")
     assert torch.equal(zoomed["prompt"], carried) and not torch.equal(carried, first["logits"])
+    assert not session.add_click(_centre_ijk(session.image), space="ijk").reembedded   # zoomed once
 
 def test_undo_and_redo_across_a_zoom_and_a_new_tile_restore_the_exact_masks(rod):
     image, _ = rod
