@@ -429,8 +429,8 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                           "(models trained across spacings). Fixed: the model's training spacing (1.5 mm for "
                           "the official checkpoints). Or a spacing in mm.")
         for value in SPACINGS:
-            combo.addItem(_("Model default") if not value else (value if value in ("auto", "fixed") else value + " mm"),
-                          value)
+            label = _("Model default") if not value else value if value in ("auto", "fixed") else f"{value} mm"
+            combo.addItem(label, value)
         combo.setCurrentIndex(max(combo.findData(self.logic.spacing), 0))
         combo.connect("currentIndexChanged(int)", lambda i: self.onSpacingChanged(combo.itemData(i)))
         combo.lineEdit().connect("editingFinished()", lambda: self.onSpacingChanged(

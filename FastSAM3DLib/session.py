@@ -248,7 +248,8 @@ class RoiPolicy:
         if self.setting == "auto":
             finest = min(self.model_spacing, min(image_spacing)) if image_spacing is not None else 0.0
             lo, hi = trained_range if trained_range is not None else (0.0, np.inf)
-            steps = sorted(s for s in ladder if finest * (1 - 1e-6) <= s and lo * (1 - 1e-6) <= s <= hi * (1 + 1e-6))
+            tolerance = 1 - 1e-6
+            steps = sorted(s for s in ladder if s >= finest * tolerance and lo * tolerance <= s <= hi / tolerance)
             self.steps = tuple(steps) or (self.model_spacing,)
         else:
             self.steps = (self.model_spacing if self.setting == "fixed" else self.setting,)
@@ -655,14 +656,14 @@ class InteractiveSession:
         start = out_box[0]
         shape = tuple(b - a for a, b in zip(*out_box))
         array = np.zeros(shape, dtype=bool)
-        if base is not None:
-            array[tuple(slice(b - s, b - s + n) for b, s, n in zip(base.start_kji, start, base.array.shape))] = base.array
-        # Inside the crops base gives way: only its True voxels need the crops' coverage.
-        covered = np.zeros(shape, dtype=bool)
-        positive = np.zeros(shape, dtype=bool)
 
         def region(box):
             return tuple(slice(a - s, b - s) for a, b, s in zip(box[0], box[1], start))
+        if base is not None:
+            array[region(base_box)] = base.array
+        # Inside the crops base gives way: only its True voxels need the crops' coverage.
+        covered = np.zeros(shape, dtype=bool)
+        positive = np.zeros(shape, dtype=bool)
         for tile, box, overlap in jobs:
             positive[region(box)] |= self._paste(tile.roi, tile.logits, box)
             if overlap is not None:
@@ -727,27 +728,29 @@ class InteractiveSession:
         if not tiles:
             crops = self._first_crop(crops)
         next_pass = max((t.pass_index for t in tiles), default=-1) + 1
-        patch, ran, ious = base, [], []
-        while crops:
+        patch, ran, ious, crops_run = base, [], [], []
+        for zoom_pass in (False, True):            # the click's pass, then at most one zoom pass
+            if zoom_pass:
+                zoomed = self.policy.zoom(ran, clicks, _mask_box_lps(self.image, patch)) if ran else None
+                crops = [zoomed] if zoomed is not None and zoomed not in ran else []
             new, pass_ious = self._run_pass(crops, clicks, tiles, next_pass, counts)
             if not new:
                 break
             tiles = [t for t in tiles if not any(_roi_within(t.roi, n.roi) for n in new)] + new
             # When the new crops hold every earlier one, the mask is theirs alone.
             patch = self._paint(None if len(tiles) == len(new) else patch, new)
-            ran += [t.roi for t in new]
-            ious = pass_ious
+            ran, ious = [t.roi for t in new], pass_ious
+            crops_run += ran
             next_pass += 1
-            zoomed = self.policy.zoom([t.roi for t in new], clicks, _mask_box_lps(self.image, patch))
-            crops = [zoomed] if zoomed is not None and zoomed not in ran else []
         self._push(_Step(clicks, tuple(tiles)), patch)
         self.encoder_runs += counts["encoder_runs"]
         done = time.perf_counter()
         known = {t.roi for t in previous.tiles}
         return MaskUpdate(
             patch=_union_patch(base, patch), reembedded=counts["encoder_runs"] > 0,
-            encoder_runs=counts["encoder_runs"], recentred=bool(previous.tiles) and any(r not in known for r in ran),
-            iou=ious[0] if ious else None, roi=ran[-1] if ran else self.roi, crops=tuple(ran),
+            encoder_runs=counts["encoder_runs"],
+            recentred=bool(previous.tiles) and any(r not in known for r in crops_run),
+            iou=ious[0] if ious else None, roi=crops_run[-1] if crops_run else self.roi, crops=tuple(crops_run),
             fell_back_to_cpu=self.on_cpu_fallback,
             timings={"encode": counts["encode"], "decode": counts["decode"],
                      "paste": done - started - counts["encode"] - counts["decode"], "total": done - started})

@@ -81,8 +81,8 @@ def test_every_positive_click_stays_in_the_prompt_of_every_crop_that_holds_it(ro
         n = len(calls)
         result = session.add_click((19.5, 19.5, k), positive=positive, space="ijk")
         for call, roi in zip(calls[n:], result.crops):
-            sent = {tuple(np.round(roi.voxel_to_lps(p.numpy()), 3)) for p, lab in zip(call["points"], call["labels"])
-                    if int(lab) == 1}
+            sent = {tuple(np.round(roi.voxel_to_lps(p.numpy()), 3))
+                    for p, lab in zip(call["points"], call["labels"]) if int(lab) == 1}
             wanted = {tuple(np.round(c.point_lps, 3)) for c in session.clicks
                       if c.positive and roi.contains(np.array(c.point_lps), 0)}
             assert wanted <= sent
