@@ -231,9 +231,10 @@ class RoiPolicy:
 
     A click inside a crop that still suits the object reuses it (decoder only).
     Otherwise the crop moves to hold the object, if it fits in one crop and the
-    moved crop holds the click; a positive click beyond that starts a new tile
-    centred on itself (the object's crop set grows); a crop is never centred on
-    a negative click, and a negative click outside every crop needs no pass.
+    moved crop holds the click; else the crops at the wanted spacing that hold
+    the click run; else a positive click starts a new tile centred on itself
+    (the object's crop set grows). A crop is never centred on a negative click:
+    it re-runs the crops that hold it, and outside every crop it needs no pass.
     """
 
     def __init__(self, size: int, model_spacing: float, setting="fixed", image_spacing=None,
@@ -296,9 +297,11 @@ class RoiPolicy:
             moved = self.crop(box.mean(axis=0), spacing)
             if moved.contains(p, self.margin):
                 return [moved]
-        if containing:
-            return containing
-        return [self.crop(p, spacing)] if click.positive else []
+        at_spacing = [roi for roi in containing if roi.spacing == spacing]
+        if at_spacing:
+            return at_spacing
+        # A positive click starts a tile of its own; a negative one re-runs the crops holding it.
+        return [self.crop(p, spacing)] if click.positive else containing
 
     def zoom(self, ran, clicks, mask_box_lps) -> RoiGeometry | None:
         """The crop to re-run on at once after a pass on ``ran`` (``refine``):

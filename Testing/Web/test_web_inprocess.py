@@ -120,6 +120,18 @@ def test_right_click_removes_and_undo_restores(web, tiny_engine):
     assert not segmenter.can_redo
 
 
+def test_crop_spacing_choice_reaches_every_segment(web):
+    segmenter, views, _ = web
+    views.click(200, 150)
+    session = segmenter.session(create=False).engine_session
+    assert session.roi.spacing == 1.5                      # the tiny model: trained at 1.5 mm only
+    segmenter.set_spacing("0.75")
+    views.click(204, 150)
+    assert session.roi.spacing == 0.75
+    with pytest.raises(ValueError, match="spacing"):
+        segmenter.set_spacing("zoom")
+
+
 def test_negative_switch_and_tool_off(web, tiny_engine):
     segmenter, views, received = web
     views.click(200, 150)
