@@ -159,6 +159,15 @@ def test_logic_clicks_undo_neighbours_export(module, tiny_weights, tmp_path):
     np.testing.assert_array_equal(read_segment(seg, a, vol), finished)
     assert not np.any(read_segment(seg, b, vol) & finished)
 
+    # the crop spacing reaches every open session and is remembered; a bad value changes nothing
+    logic.setSpacing("0.75")
+    assert logic.getSession(vol, seg, a, create=False).engine_session.policy.setting == 0.75
+    assert module.qt.QSettings().value("FastSAM3D/Spacing") == "0.75"
+    with pytest.raises(ValueError, match="spacing"):
+        logic.setSpacing("zoom")
+    assert logic.spacing == "0.75"
+    logic.setSpacing("")
+
     out = tmp_path / "labels.nrrd"
     export = logic.exportLabelmap(seg, vol, str(out))
     assert export.labels == {1: "a", 2: "b"} and sitk.ReadImage(str(out)).GetSize() == (60, 55, 52)
