@@ -81,7 +81,7 @@ def image_for_volume(engine, volume_node):
     image = per_engine.get(key)
     if image is None:
         for stale in [k for k in per_engine if k[0] == key[0]]:
-            del per_engine[stale]
+            engine.forget_image(per_engine.pop(stale))      # its embeddings show the old voxels
         image = volume_to_image(volume_node)
         per_engine[key] = image
     return image

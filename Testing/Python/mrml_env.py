@@ -234,6 +234,9 @@ class FakeEngine:
         self.radius_mm = radius_mm
         self.sessions = 0
 
+    def forget_image(self, image):
+        pass
+
     def new_session(self, image, spacing=None):
         self.sessions += 1
         return _FakeSession(self, image, spacing)

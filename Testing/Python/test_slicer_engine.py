@@ -253,3 +253,15 @@ def test_crop_spacing_reaches_the_engine_session(engine, spine):
     assert s.compute_click(centre(vol, (31, 27, 26))).roi.spacing == engine.spacing_mm
     with pytest.raises(ValueError, match="spacing"):
         s.set_spacing("zoom")
+
+
+def test_changed_voxels_free_the_old_images_embeddings(engine, spine):
+    from FastSAM3DLib.slicer_bridge import SegmentSession, image_for_volume
+    scene, _, vol = spine
+    seg, (a,) = new_segmentation(scene, vol)
+    SegmentSession(vol, seg, a, engine=engine).add_click(centre(vol, (30, 27, 26)))
+    old = image_for_volume(engine, vol)
+    assert engine.cached_rois(engine.prepare_image(old))
+    vol.GetImageData().Modified()                      # the voxels changed (e.g. an edit)
+    assert image_for_volume(engine, vol) is not old
+    assert not engine.cached_rois(engine.prepare_image(old))
