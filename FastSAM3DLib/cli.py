@@ -89,7 +89,8 @@ def cmd_segment(args) -> int:
     image = load_image(args.image)
     _log(f"loaded {args.image}: {image.GetSize()} voxels, spacing {tuple(round(s, 3) for s in image.GetSpacing())} mm")
     engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
-    _log(f"model {engine.model.config.name} on {engine.device_description}; crop spacing {engine.spacing}")
+    _log(f"model {engine.model.config.name} on {engine.device_description}; "
+         f"crop spacing {engine.spacing_setting}")
     labelmap = np.zeros(image.GetSize()[::-1], dtype=np.uint16 if max(o["label"] for o in objects) > 255 else np.uint8)
     for obj in objects:
         session = engine.new_session(image)
@@ -131,7 +132,8 @@ def cmd_evaluate(args) -> int:
             raise ValueError(f"no case named {args.cases}")
     labels = [int(v) for v in args.labels.split(",")] if args.labels else None
     engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
-    _log(f"model {engine.model.config.name} on {engine.device_description}; crop spacing {engine.spacing}; rule {args.rule}, {args.clicks} clicks")
+    _log(f"model {engine.model.config.name} on {engine.device_description}; crop spacing "
+         f"{engine.spacing_setting}; rule {args.rule}, {args.clicks} clicks")
     bar = tqdm(desc="labels", unit="label", file=sys.stderr)
     started = time.perf_counter()
     results = evaluate_cases(engine, cases, rule=args.rule, n_clicks=args.clicks, seed=args.seed,

@@ -342,8 +342,8 @@ class Engine:
     Thread-safe: every model call and cache access holds one lock, so a GUI
     may run clicks on a worker thread.
 
-    spacing: the sessions' default crop spacing (see ``RoiPolicy``): "auto",
-    "fixed" or mm; None: "auto" for a model trained across spacings
+    spacing: the sessions' default crop spacing, kept as ``spacing_setting`` (see ``RoiPolicy``):
+    "auto", "fixed" or mm; None: "auto" for a model trained across spacings
     (``ModelConfig.trained_spacing_range_mm``), else "fixed".
     cache_bytes / image_cache_bytes: bounds of the embedding cache and of the
     engine's own float32 copies of images. A cached image and its embeddings
@@ -363,7 +363,7 @@ class Engine:
         else:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
-        self.spacing = parse_spacing(spacing if spacing is not None else (
+        self.spacing_setting = parse_spacing(spacing if spacing is not None else (
             "auto" if self.model.config.trained_spacing_range_mm is not None else "fixed"))
         # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
         # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
@@ -511,7 +511,7 @@ class Engine:
                 model.load_state_dict({k: v.detach().to("cpu") for k, v in self.model.state_dict().items()})
                 self._cpu_engine = Engine(model, device="cpu", cache_bytes=self._cache_bytes,
                                           image_cache_bytes=self._image_cache_bytes, cpu_fallback=False,
-                                          fast=self._fast_mode, spacing=self.spacing)
+                                          fast=self._fast_mode, spacing=self.spacing_setting)
             return self._cpu_engine
 
     def embedding(self, image: sitk.Image, roi: RoiGeometry) -> tuple[torch.Tensor, bool]:
@@ -594,7 +594,8 @@ class InteractiveSession:
     def set_spacing(self, spacing=None) -> None:
         """The crop spacing from the next click on: "auto", "fixed", mm, or None (the engine's)."""
         engine = self.engine
-        self.policy = RoiPolicy(engine.roi_size, engine.spacing_mm, engine.spacing if spacing is None else spacing,
+        setting = engine.spacing_setting if spacing is None else spacing
+        self.policy = RoiPolicy(engine.roi_size, engine.spacing_mm, setting,
                                 image_spacing=self.image.GetSpacing(),
                                 trained_range=engine.model.config.trained_spacing_range_mm,
                                 margin=self._border_margin, refine=self._refine)

@@ -102,7 +102,7 @@ def test_the_ladder_picks_finer_crops_for_small_objects_and_coarser_for_large():
     assert RoiPolicy(128, 1.5, "fixed").spacing_for(20) == 1.5 and RoiPolicy(128, 1.5, 0.8).spacing_for(900) == 0.8
 
     engine = _engine(trained=(0.5, 3.0))
-    assert engine.spacing == "auto"                              # trained across spacings: zoom on
+    assert engine.spacing_setting == "auto"                      # trained across spacings: zoom on
     small = engine.new_session(_ball(6, 0.5), refine=False)      # a 12 mm ball on a 0.5 mm scan
     first = small.add_click(_centre_ijk(small.image), space="ijk")
     second = small.add_click(_centre_ijk(small.image), space="ijk")
@@ -185,7 +185,7 @@ def test_spacing_settings_parse_and_reach_the_session():
         with pytest.raises(ValueError, match="spacing"):
             parse_spacing(bad)
     engine = _engine()
-    assert engine.spacing == "fixed"                             # trained at one spacing only
+    assert engine.spacing_setting == "fixed"                     # trained at one spacing only
     session = engine.new_session(_ball(6, 0.5), spacing=0.75)
     assert session.add_click(_centre_ijk(session.image), space="ijk").roi.spacing == 0.75
     assert isinstance(session.clicks[0], PhysicalClick)
