@@ -433,13 +433,17 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.addItem(label, value)
         combo.setCurrentIndex(max(combo.findData(self.logic.spacing), 0))
         combo.connect("currentIndexChanged(int)", lambda i: self.onSpacingChanged(combo.itemData(i)))
-        combo.lineEdit().connect("editingFinished()", lambda: self.onSpacingChanged(
-            combo.currentText.replace("mm", "").strip() if combo.findText(combo.currentText) < 0
-            else combo.itemData(combo.currentIndex)))
+        combo.lineEdit().connect("editingFinished()", self.onSpacingTyped)
         row = layout.rowCount()
         layout.addWidget(qt.QLabel(_("Crop spacing:")), row, 0)
         layout.addWidget(combo, row, 1)
         self.spacingComboBox = combo
+
+    def onSpacingTyped(self) -> None:
+        """A typed spacing: a listed entry's value, else the number typed ("0.6" or "0.6 mm")."""
+        combo = self.spacingComboBox
+        index = combo.findText(combo.currentText)
+        self.onSpacingChanged(combo.itemData(index) if index >= 0 else combo.currentText.replace("mm", "").strip())
 
     def onSpacingChanged(self, value) -> None:
         try:

@@ -276,8 +276,8 @@ class SegmentSession:
         for k, v in (getattr(result, "timings", None) or {}).items():
             timings[f"engine_{k}"] = v
         return SegmentUpdate(operation=operation, changed=changed, clicks=len(self._session.clicks),
-                         reembedded=bool(getattr(result, "reembedded", False)),
-                         iou=getattr(result, "iou", None), box_kji=box, timings=timings)
+                             reembedded=bool(getattr(result, "reembedded", False)),
+                             iou=getattr(result, "iou", None), box_kji=box, timings=timings)
 
     # -- both halves -------------------------------------------------------------
     def add_click(self, ras, positive=True) -> SegmentUpdate:
