@@ -210,8 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
                          "when --init supplies a decoder, as FastSAM3D fine-tunes, else 1)")
     tr.add_argument("--min-clicks", type=int, default=6, help="fewest click steps per sample (default 6)")
     tr.add_argument("--max-clicks", type=int, default=11, help="most click steps per sample (default 11)")
+    tr.add_argument("--encoder-width", type=int, metavar="N",
+                    help="image-encoder width of a fresh model (a multiple of 64; heads = N / 64), to "
+                         "compare model sizes; default: the configuration's own")
+    tr.add_argument("--box-prompts", action="store_true",
+                    help="give the model box-corner embeddings (a fresh 'default' model, or one --init "
+                         "without them) and train with boxes as first prompts")
+    tr.add_argument("--box-probability", type=float, default=0.3,
+                    help="share of steps whose first prompt is a box, for box-prompt models (default 0.3)")
+    tr.add_argument("--benchmark", type=int, metavar="STEPS",
+                    help="time STEPS training steps (after 3 warm-up steps) and print samples/s of the data "
+                         "alone and of the whole step, and the peak GPU memory; writes nothing")
     _training_options(tr, steps=4000, lr=8e-4)
     tr.set_defaults(func=cmd_train)
+
+    pk = sub.add_parser(
+        "pack", help="build a training-data pack (all cases once, compact, for crops cut on the GPU)",
+        description="Read every case of the sources once, turn it to RAS+ axes, quantise its image to int16 "
+                    "and renumber its labels, and write one LZMA ZIP that `fastsam3d train --pack` loads into "
+                    "GPU memory. Manifest entries with \"image\": null are label-only maps (images are "
+                    "synthesised from them); entries marked \"stored_in_train_folder\": false (validation "
+                    "cases) are left out.",
+        epilog="Example: fastsam3d pack train.pack ../shared/data/train ../shared/data/label_maps")
+    pk.add_argument("out", metavar="PACK", help="the pack file to write")
+    pk.add_argument("sources", nargs="+", metavar="MANIFEST_OR_FOLDER",
+                    help="data folders or MANIFEST.json files (as train --data), or label-map folders")
+    pk.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                    help="case left out (repeatable), e.g. a validation case")
+    pk.add_argument("--min-spacing", type=float, default=0.9, metavar="MM",
+                    help="volumes finer than this are resampled to it (default 0.9 mm)")
+    pk.set_defaults(func=cmd_pack)
 
     di = sub.add_parser(
         "distill", help="distil a smaller encoder from a teacher (layer-wise progressive, resumable)",
@@ -289,6 +317,9 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) ->
     parser.add_argument("--data", action="append", default=[], metavar="MANIFEST_OR_FOLDER",
                         help="training data: a MANIFEST.json (or a folder holding one) or an nnU-Net folder "
                              "(imagesTr/, labelsTr/); repeatable. None: synthetic volumes only")
+    parser.add_argument("--pack", action="append", default=[], metavar="PACK",
+                        help="training-data pack (fastsam3d pack; repeatable): crops are cut on the GPU from "
+                             "it, and --data / --synthetic-ratio are not used")
     parser.add_argument("--synthetic-ratio", type=float, default=0.5,
                         help="share of synthetic volumes among the samples (default 0.5)")
     parser.add_argument("--val-case", action="append", default=[], metavar="NAME",
@@ -333,17 +364,36 @@ def _run_config(args):
 def _data_config(args):
     from .training.train import DataConfig
     return DataConfig(sources=tuple(args.data), synthetic_ratio=args.synthetic_ratio,
-                      val_cases=tuple(args.val_case))
+                      val_cases=tuple(args.val_case), packs=tuple(args.pack))
 
 
 def cmd_train(args) -> int:
-    from .training.train import InteractionConfig, TrainConfig, train
+    from .training.train import InteractionConfig, TrainConfig, benchmark, train
 
     config = TrainConfig(run=_run_config(args), data=_data_config(args),
-                         interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks),
+                         interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
+                                                       box_probability=args.box_probability),
                          model_config=args.model_config, init=tuple(args.init),
-                         decoder_lr_scale=args.decoder_lr_scale)
+                         decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
+                         encoder_width=args.encoder_width)
+    if args.benchmark:
+        print(json.dumps(benchmark(config, args.benchmark)))
+        return 0
     train(config)
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .training.pack import volumes_of_source, write_pack
+
+    exclude = set(args.exclude)
+    volumes = []
+    for source in args.sources:
+        volumes += volumes_of_source(source, exclude, args.min_spacing,
+                                     progress=lambda v: _log(f"packed {v.name}: {v.label.shape}, "
+                                                             f"{len(v.label_ids)} labels"))
+    write_pack(args.out, volumes)
+    _log(f"wrote {args.out}: {len(volumes)} volumes, {Path(args.out).stat().st_size / 1e6:.1f} MB")
     return 0
 
 
@@ -374,15 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "command", None) == "evaluate" and not (args.data or args.image):
         parser.error("evaluate needs a data set or --image/--label")
-    from .checkpoint import CheckpointError
-    from .image import ImageError
-    from .session import EngineError
+    # ImageError, CheckpointError, EngineError, TrainingError and DataError are
+    # ValueError / RuntimeError subclasses (not imported here: training runs
+    # where SimpleITK is not installed).
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.formatwarning = lambda msg, *a, **k: f"fastsam3d: warning: {msg}\n"
         try:
             return args.func(args)
-        except (ImageError, CheckpointError, EngineError, ValueError, OSError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"fastsam3d: error: {message}", file=sys.stderr)
             return 2
