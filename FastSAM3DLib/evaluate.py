@@ -299,9 +299,11 @@ def perfect_logits(distance: SignedDistance, roi: RoiGeometry, low_res_size: int
 
 
 def crop_coverage(image: sitk.Image, gt: np.ndarray, roi: RoiGeometry) -> float:
-    """Share of the target's voxel centres inside the ROI."""
+    """Share of the target's voxel centres inside the ROI (its border included,
+    with the paste-back's rounding tolerance)."""
     voxels = roi.lps_to_voxel(_voxel_lps(image, gt))
-    return float(np.all((voxels >= -0.5) & (voxels <= roi.size - 0.5), axis=1).mean())
+    tolerance = 1e-4
+    return float(np.all((voxels >= -0.5 - tolerance) & (voxels <= roi.size - 0.5 + tolerance), axis=1).mean())
 
 
 def resolution_ceiling(image: sitk.Image, gt: np.ndarray, roi: RoiGeometry, low_res_size: int,
