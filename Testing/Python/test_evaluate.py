@@ -199,3 +199,14 @@ def test_cli_clicks_5_has_no_dice_at_10_and_jobs_agree(shared_data, tmp_path, ca
     assert sorted((r["method"], r["seed"]) for r in runs) == [("model", 2023), ("model", 2024),
                                                              ("sphere", 2023), ("sphere", 2024)]
     assert all(len(r["dice"]) == 5 for r in runs)
+
+
+def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
+    from FastSAM3DLib.training.data import Case
+    folder = shared_data / "mri_spine_cord_sct_t2"
+    case = Case("cord_levels", folder / "t2.nii.gz", folder / "t2_seg-manual_labeled.nii.gz")
+    settings = ev.Settings(model="default", device="cpu", clicks=2, baseline=None)
+    c3, c4 = (ev.Target(case.name, label, "", "manual", 0) for label in (3, 4))
+    alone = ev.run_targets([(case, c4)], settings)[0]
+    after = ev.run_targets([(case, c3), (case, c4)], settings)[1]   # C3's region holds C4's first click
+    assert after.runs[0].dice == alone.runs[0].dice
