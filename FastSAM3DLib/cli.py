@@ -113,8 +113,10 @@ def cmd_evaluate(args) -> int:
 
     if args.clicks < 1:
         raise ValueError("--clicks must be at least 1")
-    if args.jobs < 1:
-        raise ValueError("--jobs must be at least 1")
+    for option in ("jobs", "seeds", "min_voxels", "max_targets_per_case", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
     quality = {}
     if args.image:
         if not args.label:
@@ -136,6 +138,9 @@ def cmd_evaluate(args) -> int:
         cases = [c for c in cases if c.name in wanted]
     labels = ev.parse_ids(args.labels) if args.labels else None
     subsets = [ev.parse_subset(text) for text in args.subset]
+    for name, subset_case, _ in subsets:
+        if subset_case not in {c.name for c in cases}:
+            raise ValueError(f"subset {name} names case {subset_case}, which is not evaluated")
     ceiling = tuple(ev.parse_ceiling_settings(args.ceiling)) if args.ceiling else ()
     seeds = tuple(args.seed + n for n in range(args.seeds)) if args.rule == "reference" else (args.seed,)
 
@@ -182,7 +187,7 @@ def cmd_evaluate(args) -> int:
             "fit_min_spacing_mm": ev.FIT_MIN_SPACING_MM, "min_voxels": args.min_voxels,
             "max_targets_per_case": args.max_targets_per_case, "cases": [c.name for c in cases],
             "subsets": [{"name": n, "case": c, "labels": ids} for n, c, ids in subsets],
-            "jobs": args.jobs, "threads": threads, "seconds": seconds})
+            "jobs": args.jobs, "threads": threads, "seconds": seconds, "argv": sys.argv[1:]})
         _log(f"wrote {args.json}")
     return 0
 

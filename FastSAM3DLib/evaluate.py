@@ -436,17 +436,20 @@ class Evaluator:
         return TargetResult(target, runs, ceilings, time.perf_counter() - started)
 
 
-_WORKER: Evaluator | None = None
+_WORKER: dict = {}
 
 
 def _start_worker(settings: Settings) -> None:
-    global _WORKER
     torch.set_num_threads(settings.threads)
-    _WORKER = Evaluator(settings)
+    _WORKER["settings"] = settings
 
 
 def _work(case, target: Target) -> TargetResult:
-    return _WORKER(case, target)
+    # Built by the first task rather than the initializer, so a bad model
+    # reaches the caller as its own one-line error, not as a broken pool.
+    if "evaluator" not in _WORKER:
+        _WORKER["evaluator"] = Evaluator(_WORKER["settings"])
+    return _WORKER["evaluator"](case, target)
 
 
 def threads_per_job(jobs: int) -> int:
@@ -468,13 +471,16 @@ def run_targets(tasks, settings: Settings, jobs: int = 1, engine=None, progress=
                 progress(results[-1])
         return results
     results: list[TargetResult | None] = [None] * len(tasks)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
-                             initializer=_start_worker, initargs=(settings,)) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                               initializer=_start_worker, initargs=(settings,))
+    try:
         futures = {pool.submit(_work, case, target): n for n, (case, target) in enumerate(tasks)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             if progress is not None:
                 progress(results[futures[future]])
+    finally:
+        pool.shutdown(cancel_futures=True)      # a failure stops the queued targets too
     return results
 
 

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
