@@ -68,6 +68,9 @@ class ModelConfig:
     # (finest, coarsest) crop spacing in mm the weights were trained across; None = trained at
     # spacing_mm only (the official checkpoints): the engine then keeps the spacing fixed by default.
     trained_spacing_range_mm: tuple[float, float] | None = None
+    # Box prompts: two more point embeddings for the corners (labels 2 and 3, as
+    # SAM encodes boxes). The official checkpoints have none.
+    box_prompts: bool = False
 
     @property
     def image_embedding_size(self) -> int:
@@ -91,6 +94,7 @@ class ModelConfig:
             spacing_mm=data.get("spacing_mm", 1.5),
             trained_spacing_range_mm=(None if data.get("trained_spacing_range_mm") is None
                                       else tuple(float(v) for v in data["trained_spacing_range_mm"])),
+            box_prompts=bool(data.get("box_prompts", False)),
         )
 
 
