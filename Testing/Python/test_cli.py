@@ -89,7 +89,7 @@ def test_installed_command_and_help():
         assert words in result.stdout
 
 
-def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch):
+def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch, shared_data):
     import FastSAM3DLib.session as session_module
     crops = []
     real = session_module.InteractiveSession.add_click
@@ -103,6 +103,10 @@ def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch):
         code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "x.nii.gz", "--point", LIVER_RAS, "--model",
                              "fastsam3d", "--device", "cpu", "--spacing", spacing], capsys)
         assert code == 0 and crops[-1] == crop_mm and f"crop spacing {logged}" in err
+    spine = shared_data / "mri_spine_cord_sct_t2"
+    code, _, err = _run(["evaluate", "--image", spine / "t2.nii.gz", "--label", spine / "t2_seg-manual.nii.gz",
+                         "--model", "fastsam3d", "--device", "cpu", "--clicks", "1", "--spacing", "0.75"], capsys)
+    assert code == 0 and crops[-1] == 0.75, err
     with pytest.raises(SystemExit):
         main(["evaluate", "--image", str(SAMPLE), "--label", str(SAMPLE), "--spacing", "zoom"])
     assert "auto, fixed or a spacing in mm" in capsys.readouterr().err
