@@ -297,8 +297,16 @@ def test_app_page_and_state(ct_path, tiny_engine):
     assert "not a supported image" in state.upload_error and len(state.volumes) == 1
     page = app.ui.html
     for element in ("fs3d-latency", "fs3d-device", "fs3d-undo", "fs3d-redo", "fs3d-new-segment",
-                    "fs3d-export", "fs3d-upload", "fs3d-segments"):
+                    "fs3d-export", "fs3d-upload", "fs3d-segments", "fs3d-spacing"):
         assert f'id="{element}"' in page
+    # the crop spacing choice reaches the segmenter; a bad one is shown, not applied
+    state.ready()                                 # change callbacks run from here on, as in the server
+    state.crop_spacing = "0.75"
+    state.flush()
+    assert app.segmenter.spacing == 0.75
+    state.crop_spacing = "zoom"
+    state.flush()
+    assert app.segmenter.spacing == 0.75 and "spacing" in state.status["error"]
     app.segmenter.close()
 
 
