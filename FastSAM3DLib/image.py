@@ -79,12 +79,18 @@ def _count_non_finite(image: sitk.Image) -> int:
                for k in range(0, voxels.shape[0], _NON_FINITE_CHECK_SLAB))
 
 
+_FLOAT_PIXEL_IDS = (sitk.sitkFloat32, sitk.sitkFloat64)
+
+
 def validate_image(image) -> sitk.Image:
-    """A 3D scalar float32 image with the geometry of ``image``; ImageError otherwise."""
+    """``image`` itself if it is a usable 3D scalar volume; ImageError otherwise.
+
+    The pixel type is kept (an int16 CT stays int16: half the memory of
+    float32); the ROI resampling makes float32 from it. Floating-point
+    volumes with NaN or infinite voxels are refused (no silent replacement).
+    """
     check_volume(image)
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    bad = _count_non_finite(image)
+    bad = _count_non_finite(image) if image.GetPixelID() in _FLOAT_PIXEL_IDS else 0
     if bad:
         total = int(np.prod(image.GetSize()))
         raise ImageError(f"the image has {bad} of {total} voxels that are NaN or infinite; "
@@ -115,8 +121,9 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
 
 
 def load_image(path) -> sitk.Image:
-    """A validated float32 volume from a file SimpleITK reads (NIfTI, NRRD, MHA,
-    ...) or from a DICOM series folder (the largest series if several)."""
+    """A validated volume (its own pixel type) from a file SimpleITK reads
+    (NIfTI, NRRD, MHA, ...) or from a DICOM series folder (the largest series
+    if several)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"image not found: {path}")
@@ -137,11 +144,14 @@ def load_image(path) -> sitk.Image:
 # -- construction -------------------------------------------------------------------
 
 def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                     direction=None, space: str = "LPS") -> sitk.Image:
-    """A validated float32 image from a (k, j, i) array and its geometry.
+                     direction=None, space: str = "LPS", check_voxels: bool = True) -> sitk.Image:
+    """A validated image (the array's pixel type; bool as uint8) from a (k, j, i)
+    array and its geometry.
 
     ``direction`` is 3x3 (or 9 numbers, row-major) whose columns are the i, j, k
     axis directions; with ``space="RAS"`` origin and direction are in RAS.
+    check_voxels=False skips the NaN/inf scan (structure and geometry are still
+    checked), for a caller whose engine validates the image later anyway.
     """
     array = np.asarray(array_kji)
     if array.ndim != 3:
@@ -173,10 +183,13 @@ def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(origin.tolist())
     image.SetDirection(direction.ravel().tolist())
+    if not check_voxels:
+        check_volume(image)
+        return image
     return validate_image(image)
 
 
-def image_from_ijk_to_ras(array_kji, ijk_to_ras) -> sitk.Image:
+def image_from_ijk_to_ras(array_kji, ijk_to_ras, check_voxels: bool = True) -> sitk.Image:
     """An image from Slicer's IJK-to-RAS matrix (columns = direction * spacing,
     last column = origin), kept exactly: oblique and left-handed included."""
     matrix = np.asarray(ijk_to_ras, dtype=float)
@@ -188,7 +201,7 @@ def image_from_ijk_to_ras(array_kji, ijk_to_ras) -> sitk.Image:
     if np.any(spacing == 0):
         raise ImageError("the IJK-to-RAS matrix is singular (a voxel axis has zero length)")
     return image_from_array(array_kji, spacing=spacing, origin=matrix[:3, 3],
-                            direction=matrix[:3, :3] / spacing, space="RAS")
+                            direction=matrix[:3, :3] / spacing, space="RAS", check_voxels=check_voxels)
 
 
 # -- geometry -------------------------------------------------------------------------
