@@ -373,14 +373,21 @@ def test_edits_between_clicks_are_kept(spine):
     scene, _, vol = spine
     seg, (sid,) = new_segmentation(scene, vol)
     s = session(vol, seg, sid, FakeEngine(RADIUS))
-    s.add_click(centre_of(vol, (30, 27, 26)))
+    start, _ = s.add_click(centre_of(vol, (30, 27, 26))).box_kji
     from mrml_env import MaskPatch
     painter = SegmentEditorLogicWriter(seg, sid, vol)
-    painter.apply(MaskPatch((26, 27, 30), np.ones((2, 2, 6), bool)),
-                  keep=read_segment(seg, sid, vol, (26, 27, 30), (2, 2, 6)))
+    corner = np.ones((2, 2, 2), bool)                  # in the written box, outside the ball
+    assert not read_segment(seg, sid, vol, start, corner.shape).any()
+    painter.apply(MaskPatch(start, corner))
     painted = read_segment(seg, sid, vol).copy()
+    erased = tuple(int(v) for v in np.argwhere(painted)[len(np.argwhere(painted)) // 2])
+    painter.apply(MaskPatch(erased, np.zeros((1, 1, 1), bool)))     # and one voxel erased
+    assert not read_segment(seg, sid, vol)[erased]
     s.add_click(centre_of(vol, (31, 27, 26)))
-    assert not np.any(painted & ~read_segment(seg, sid, vol))
+    mask = read_segment(seg, sid, vol)
+    assert mask[tuple(slice(a, a + 2) for a in start)].all()
+    s.add_click(centre_of(vol, (29, 27, 26)))
+    assert not read_segment(seg, sid, vol)[erased] or s.engine_session.mask()[erased]
     painter.close()
 
 
@@ -621,10 +628,12 @@ def test_building_a_session_never_waits_for_the_engine(spine):
     done = threading.Event()
     box = []
     thread = threading.Thread(target=lambda: (box.append(SegmentSession(vol, seg, sid, engine=engine)),
-                                              done.set()))
+                                              done.set()), daemon=True)
     thread.start()
-    assert done.wait(20), "SegmentSession() waited for the engine"
-    busy.release()
+    try:
+        assert done.wait(20), "SegmentSession() waited for the engine"
+    finally:
+        busy.release()
     s = box[0]
     assert not s.can_undo and not s.can_redo and s.clicks == []
     s.add_click(centre_of(vol, (30, 27, 26)))

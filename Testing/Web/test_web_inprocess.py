@@ -167,15 +167,16 @@ def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
     import asyncio
     import threading
     segmenter, views, received = web
+    from FastSAM3DLib.slicer_bridge import Operation
     threads = []
-    compute = type(segmenter.session(create=True)).compute_click
+    compute = Operation.compute
 
-    def spy(self, ras, positive=True):
+    def spy(self):
         threads.append(threading.current_thread().name)
-        return compute(self, ras, positive)
+        return compute(self)
 
     async def run():
-        type(segmenter.session()).compute_click = spy
+        Operation.compute = spy
         try:
             views.click(200, 150)                  # both clicks arrive before either is done
             views.click(206, 150, button="Right")
@@ -183,7 +184,7 @@ def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
             assert isinstance(undo, asyncio.Task) and segmenter.revision == 0
             await asyncio.gather(*list(segmenter._tasks))
         finally:
-            type(segmenter.session()).compute_click = compute
+            Operation.compute = compute
 
     asyncio.run(run())
     assert threads and all(name.startswith("FastSAM3D-web-engine") for name in threads)
