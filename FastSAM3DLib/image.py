@@ -8,6 +8,7 @@ numpy in SimpleITK order (k, j, i); "ijk" points are continuous voxel indices
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ _NON_FINITE_CHECK_SLAB = 64          # slices per pass: bounds the temporary mas
 
 class ImageError(ValueError):
     """An image the library cannot use; the message is one line for the user."""
+
+
+def format_numbers(values, digits: int = 3) -> str:
+    """(1.5, -2.0, 3.25): numbers as a user reads them (never numpy reprs)."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in np.ravel(values)) + ")"
 
 
 def _one_line(exc: Exception) -> str:
@@ -60,7 +66,7 @@ def check_volume(image) -> None:
         raise ImageError(f"the image is empty: size {'x'.join(map(str, size))} voxels")
     spacing = np.array(image.GetSpacing())
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+        raise ImageError(f"the voxel spacing {format_numbers(spacing)} mm is not positive")
     _check_direction(np.array(image.GetDirection()).reshape(3, 3))
 
 
@@ -173,9 +179,9 @@ def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
     elif space.upper() != "LPS":
         raise ImageError(f"unknown coordinate space {space!r}: use 'LPS' or 'RAS'")
     if not np.all(np.isfinite(origin)):
-        raise ImageError(f"the image origin {tuple(origin)} is not a finite point")
+        raise ImageError(f"the image origin {format_numbers(origin)} is not a finite point")
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+        raise ImageError(f"the voxel spacing {format_numbers(spacing)} mm is not positive")
     _check_direction(direction)
     if array.dtype == bool:
         array = array.astype(np.uint8)
@@ -270,18 +276,36 @@ def is_inside(image: sitk.Image, p_lps):
 
 # -- writing ---------------------------------------------------------------------------
 
-def write_image_atomic(image: sitk.Image, path) -> None:
-    """Write ``image`` to ``path`` whole or not at all (temporary file + rename)."""
-    if not isinstance(image, sitk.Image):
-        raise ImageError(f"expected a SimpleITK image to write, got {type(image).__name__}")
+def check_output_path(path) -> Path:
+    """The checks a labelmap output passes before any work is done: a known
+    extension, an existing folder that can be written to, not a folder itself."""
     path = Path(path)
     if full_suffix(path).lower() not in WRITABLE_SUFFIXES:
         raise ImageError(f"cannot write {path.name}: use one of the extensions "
                          f"{', '.join(WRITABLE_SUFFIXES)} (or .seg.nrrd)")
     if not path.parent.is_dir():
         raise ImageError(f"the output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise ImageError(f"cannot write {path}: it is a folder")
+    try:                                # a real try: access() says yes to root on read-only folders
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ImageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def write_image_atomic(image: sitk.Image, path) -> None:
+    """Write ``image`` to ``path`` whole or not at all (temporary file + rename)."""
+    if not isinstance(image, sitk.Image):
+        raise ImageError(f"expected a SimpleITK image to write, got {type(image).__name__}")
+    path = check_output_path(path)
     try:
         with atomic_output_path(path) as temporary:
-            sitk.WriteImage(image, temporary, True)
-    except (RuntimeError, OSError) as exc:
-        raise ImageError(f"could not write {path}: {_one_line(exc)}") from None
+            try:
+                sitk.WriteImage(image, temporary, True)
+            except RuntimeError as exc:
+                raise OSError(f"cannot write {path}: {_one_line(exc).replace(str(temporary), str(path))}") from None
+    except OSError as exc:
+        message = str(exc) if str(path) in str(exc) else f"cannot write {path}: {exc}"
+        raise ImageError(message) from None
