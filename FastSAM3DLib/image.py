@@ -106,6 +106,122 @@ def validate_image(image) -> sitk.Image:
 
 # -- loading ----------------------------------------------------------------------
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 20
+
+
+def _nifti_data_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (header + voxels), from its header; None
+    if ``header`` is not a NIfTI header."""
+    import struct
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            if header[344:347] != b"n+1":       # header/image pair (.hdr + .img): not one file
+                return None
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            if header[4:7] != b"n+2":
+                return None
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n = max(1, min(int(dims[0]), 7))
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n]], dtype=np.int64))
+    return offset + voxels * max(int(bitpix), 8) // 8
+
+
+def check_file_complete(path: Path) -> None:
+    """Reject a truncated or corrupt NIfTI (.nii, .nii.gz) or gzip file with one
+    line: gzip streams are read to the end (their length and CRC checked), and a
+    NIfTI file must hold as many bytes as its header says. (ITK would read the
+    missing voxels as zeros.) NRRD and MetaImage readers check this themselves."""
+    import gzip
+    import zlib
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+    if compressed:
+        size, header = 0, b""
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(_READ_CHUNK):
+                    if len(header) < 540:
+                        header += chunk[:540 - len(header)]
+                    size += len(chunk)
+        except EOFError:
+            raise ImageError(f"{path.name} is truncated (the compressed data ends early): "
+                             "copy or download it again") from None
+        except (OSError, zlib.error) as exc:
+            raise ImageError(f"{path.name} is corrupt ({exc}): copy or download it again") from None
+    else:
+        with open(path, "rb") as f:
+            header = f.read(540)
+        size = path.stat().st_size
+    expected = _nifti_data_size(header)
+    if expected is not None and size < expected:
+        raise ImageError(f"{path.name} is truncated: its header describes {expected} bytes, the file holds "
+                         f"{size}{' (uncompressed)' if compressed else ''}: copy or download it again")
+
+
+_SLICE_GAP_TOLERANCE = 0.05            # relative spread of slice gaps taken as even
+_TILT_TOLERANCE_DEGREES = 0.1
+
+
+def _slice_geometry(files) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (n, 3), slice normal) of DICOM files from their headers."""
+    reader = sitk.ImageFileReader()
+    positions, normal = [], None
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        keys = set(reader.GetMetaDataKeys())
+        if not {"0020|0032", "0020|0037"} <= keys:
+            raise ImageError(f"{Path(name).name} has no slice position or orientation "
+                             "(Image Position/Orientation Patient): cannot check the series")
+        positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        if normal is None:
+            orientation = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            normal = np.cross(orientation[:3], orientation[3:])
+    return np.array(positions), normal / np.linalg.norm(normal)
+
+
+def check_dicom_slices(files, folder) -> None:
+    """One line for a series FastSAM3D cannot treat as a regular 3D grid: a
+    gantry tilt (slices shifted along the table), missing slices, or uneven
+    slice spacing. (ITK would build a volume with the first gap's spacing.)"""
+    if len(files) < 3:
+        return
+    positions, normal = _slice_geometry(files)
+    order = np.argsort(positions @ normal)
+    positions = positions[order]
+    steps = np.diff(positions, axis=0)
+    gaps = steps @ normal
+    if np.any(np.abs(gaps) < 1e-6):
+        raise ImageError(f"the DICOM series in {folder} has two slices at the same position "
+                         "(a duplicate or a second series mixed in)")
+    along = np.abs(gaps) / np.linalg.norm(steps, axis=1)
+    tilt = float(np.degrees(np.arccos(np.clip(along.min(), -1, 1))))
+    if tilt > _TILT_TOLERANCE_DEGREES:
+        raise ImageError(f"the DICOM series in {folder} was acquired with a gantry tilt of {tilt:.1f} "
+                         "degrees; FastSAM3D needs a regular grid: correct the tilt first (e.g. Slicer's "
+                         "DICOM import with 'Acquisition geometry regularization')")
+    typical = float(np.median(gaps))
+    if np.max(np.abs(gaps - typical)) > _SLICE_GAP_TOLERANCE * typical:
+        wide = int(np.argmax(gaps))
+        if gaps[wide] > 1.5 * typical:
+            missing = int(round(gaps[wide] / typical)) - 1
+            raise ImageError(f"the DICOM series in {folder} has {missing} missing slice(s): a gap of "
+                             f"{gaps[wide]:.2f} mm after slice {wide + 1} of {len(files)} where the others are "
+                             f"{typical:.2f} mm apart; load the complete series")
+        raise ImageError(f"the DICOM series in {folder} has uneven slice spacing ({gaps.min():.2f} to "
+                         f"{gaps.max():.2f} mm); FastSAM3D needs evenly spaced slices: resample it first")
+
+
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     # GDCM prints a warning for a folder without DICOM; the ImageError below says it once.
@@ -119,8 +235,10 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise ImageError(f"no DICOM series found in the folder {folder}")
     files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
     # A folder may also hold scouts or derived series: the largest is the volume.
-    reader.SetFileNames(max(files.values(), key=len))
+    chosen = max(files.values(), key=len)
     try:
+        check_dicom_slices(chosen, folder)
+        reader.SetFileNames(chosen)
         return reader.Execute()
     except RuntimeError as exc:
         raise ImageError(f"cannot read the DICOM series in {folder}: {_one_line(exc)}") from None
@@ -136,9 +254,13 @@ def load_image(path) -> sitk.Image:
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
+        check_file_complete(path)
         try:
             image = sitk.ReadImage(str(path))
-        except RuntimeError:
+        except RuntimeError as exc:
+            if any(words in str(exc) for words in ("but received", "not read completely")):
+                raise ImageError(f"{path.name} is truncated (its voxel data ends early): "
+                                 "copy or download it again") from None
             raise ImageError(f"{path.name} is not an image file FastSAM3D can read "
                              "(expected NIfTI, NRRD, MHA, DICOM, ...)") from None
     try:
