@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address to listen on (default 127.0.0.1: this computer only)")
     web.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     web.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    web.add_argument("--max-upload-mb", type=int, default=2048,
+                     help="largest upload the page accepts, in MiB (default 2048)")
     _model_options(web)
     web.set_defaults(func=cmd_web)
     return parser
@@ -337,8 +339,10 @@ def cmd_web(args) -> int:
                   "pip install -e .[web]", file=sys.stderr)
             return 2
         raise
+    if args.max_upload_mb <= 0:
+        raise ValueError("--max-upload-mb must be a positive number of MiB")
     return serve(args.images, host=args.host, port=args.port, model=args.model, device=args.device,
-                 open_browser=args.open_browser)
+                 open_browser=args.open_browser, max_upload_bytes=args.max_upload_mb * 1024 ** 2)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:

@@ -28,7 +28,7 @@ from FastSAM3DLib.slicer_bridge import (ClickInfo, EngineWorker, Operation, Prom
 from FastSAM3DLib.slicer_bridge.export import LABELMAP_SUFFIXES
 
 from .effect import FastSAM3DEffect
-from .uploads import UploadError, display_name, save_uploads
+from .uploads import MAX_UPLOAD_BYTES, UploadError, display_name, save_uploads
 
 SEGMENT_COLOURS = [(0.95, 0.65, 0.15), (0.25, 0.60, 1.00), (0.90, 0.30, 0.65),
                    (0.30, 0.85, 0.85), (0.95, 0.90, 0.25), (0.60, 0.40, 0.95)]
@@ -148,11 +148,11 @@ class WebSegmenter:
             self.show_volume(node)
         return node
 
-    def load_uploads(self, files) -> list:
+    def load_uploads(self, files, max_bytes=MAX_UPLOAD_BYTES) -> list:
         """Browser files -> volumes. They are written under generated names into
         a temporary folder that is deleted once they are read."""
         with tempfile.TemporaryDirectory(prefix="fastsam3d-upload-") as tmp:
-            saved = save_uploads(files, tmp)
+            saved = save_uploads(files, tmp, max_bytes=max_bytes)
             if all(p.suffix == ".dcm" for p, _ in saved):
                 groups = [([p for p, _ in saved], saved[0][1])]      # one DICOM series
             else:
