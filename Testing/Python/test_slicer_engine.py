@@ -273,3 +273,32 @@ def test_image_is_prepared_once_on_the_worker_in_its_own_pixel_type(engine, spin
     assert native.image.GetPixelID() == sitk.ReadImage(str(SPINE_T2)).GetPixelID() != sitk.sitkFloat32
     native.close()
     s.close()
+
+
+def test_painted_slab_survives_real_engine_clicks(engine, spine):
+    """With the real engine's patches: a slab painted before the session keeps
+    every voxel through clicks, undo and reset."""
+    from FastSAM3DLib.slicer_bridge import SegmentEditorLogicWriter, SegmentSession, read_segment
+    from FastSAM3DLib.roi import MaskPatch
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    painter = SegmentEditorLogicWriter(seg, sid, vol)
+    painter.apply(MaskPatch((24, 16, 5), np.ones((3, 22, 50), bool)))
+    painter.close()
+    slab = read_segment(seg, sid, vol).copy()
+    assert slab.sum() == 3300
+    s = SegmentSession(vol, seg, sid, engine=engine)
+    predicted = np.zeros_like(slab)
+    erased = np.zeros_like(slab)                  # taken by negative clicks from what they un-predicted
+    for ijk, positive in [((30, 27, 26), True), ((34, 27, 26), False), ((28, 30, 25), True)]:
+        s.add_click(centre(vol, ijk), positive)
+        now = s.engine_session.mask()
+        if not positive:
+            erased |= slab & predicted & ~now
+        predicted = now.copy()
+        assert predicted.any()
+        np.testing.assert_array_equal(read_segment(seg, sid, vol), (slab & ~erased) | predicted)
+    s.undo()
+    s.reset()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab)
+    s.close()
