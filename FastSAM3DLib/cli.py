@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -22,6 +23,23 @@ SPACE_HELP = ("coordinate system of the points: 'ras' = Slicer world coordinates
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# "--point -60,20,-110": argparse takes a value that starts with "-" for an option
+# (only plain negative numbers are exempt), so such values are joined to their option.
+_POINT_OPTIONS = ("--point", "--negative")
+_UNSIGNED = r"(\d+\.?\d*|\.\d+)(e[-+]?\d+)?"
+_NEGATIVE_POINT = re.compile(rf"^-{_UNSIGNED}(\s*,\s*[-+]?{_UNSIGNED})*$", re.IGNORECASE)
+
+
+def _join_negative_points(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in _POINT_OPTIONS and _NEGATIVE_POINT.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _parse_point(text: str) -> tuple[float, float, float]:
@@ -78,20 +96,47 @@ def _objects_from_args(args) -> list[dict]:
     return [{"label": 1, "name": "object", "clicks": args.clicks, "space": args.space}]
 
 
+def _refuse_random_weights(args) -> None:
+    """A named architecture without its weights file segments with random
+    weights: meaningless masks. Refused unless asked for."""
+    from .model import NAMED_CONFIGS
+    if args.model in NAMED_CONFIGS and not args.random_weights:
+        raise ValueError(f"--model {args.model} names an architecture, not weights: give its weights file "
+                         "(e.g. --model FastSAM3D.pth), or 'default' for the bundled model "
+                         "(--random-weights runs it untrained: meaningless masks, for testing only)")
+    if args.random_weights:
+        warnings.warn("--random-weights: the model is untrained; its masks are meaningless")
+
+
+def _check_points(image, objects) -> None:
+    from .image import ImageError, format_numbers, is_inside, point_to_lps
+    for obj in objects:
+        for point, _ in obj["clicks"]:
+            if not is_inside(image, point_to_lps(image, point, obj["space"])):
+                raise ImageError(f"the point {format_numbers(point, 2)} ({obj['space']}) of {obj['name']} "
+                                 "lies outside the image")
+
+
 def cmd_segment(args) -> int:
+    """Exit status 0: written; 1: an object came out empty (reported; the file is
+    written if any other object has voxels); 2: an error, nothing written."""
     import numpy as np
     import SimpleITK as sitk
 
-    from .image import load_image, write_image_atomic
+    from .image import check_output_path, load_image, write_image_atomic
     from .session import Engine
 
     objects = _objects_from_args(args)
+    check_output_path(args.output)                 # before any work
+    _refuse_random_weights(args)
     image = load_image(args.image)
     _log(f"loaded {args.image}: {image.GetSize()} voxels, spacing {tuple(round(s, 3) for s in image.GetSpacing())} mm")
+    _check_points(image, objects)
     engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
     _log(f"model {engine.model.config.name} on {engine.device_description}; "
          f"crop spacing {engine.spacing_setting}")
     labelmap = np.zeros(image.GetSize()[::-1], dtype=np.uint16 if max(o["label"] for o in objects) > 255 else np.uint8)
+    empty = []
     for obj in objects:
         session = engine.new_session(image)
         for point, positive in obj["clicks"]:
@@ -102,11 +147,19 @@ def cmd_segment(args) -> int:
         free = mask & (labelmap == 0)              # never overwrite an earlier object
         labelmap[free] = obj["label"]
         _log(f"  {obj['name']}: label {obj['label']}, {int(free.sum())} voxels")
+        if not free.any():
+            empty.append(obj["name"])
+    for name in empty:
+        _log(f"fastsam3d: warning: {name} came out empty (0 voxels): the clicks may miss the structure; "
+             "check them, or add a click inside it")
+    if len(empty) == len(objects):
+        _log(f"fastsam3d: error: the segmentation is empty: nothing was written to {args.output}")
+        return 1
     out = sitk.GetImageFromArray(labelmap)
     out.CopyInformation(image)
     write_image_atomic(out, args.output)
-    _log(f"wrote {args.output}")
-    return 0
+    _log(f"wrote {args.output}" + (f" ({len(empty)} of {len(objects)} objects empty)" if empty else ""))
+    return 1 if empty else 0
 
 
 def cmd_evaluate(args) -> int:
@@ -208,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="segment objects in a scan from positive/negative points",
         description="Segment one object (or several with --prompts) in a 3D scan from clicks, "
                     "and write a labelmap on exactly the scan's voxel grid.",
-        epilog="Example: fastsam3d segment ct.nii.gz -o liver.nii.gz --point -60,20,-110 --space ras")
+        epilog="Example: fastsam3d segment ct.nii.gz -o liver.nii.gz --point -60,20,-110 --space ras. "
+               "Exit status: 0 written, 1 an object came out empty (reported), 2 error (nothing written).")
     seg.add_argument("image", help="the scan: NIfTI, NRRD, MHA, ... file or a DICOM series folder")
     seg.add_argument("-o", "--output", required=True,
                      help="labelmap to write (.nii.gz, .nii, .nrrd or .mha); written only when complete")
@@ -217,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--negative", type=_parse_point, action=_ClickAction, const=False, dest="clicks",
                      metavar="X,Y,Z", help="a negative click: a point that must stay outside (repeatable)")
     seg.add_argument("--space", choices=("ras", "lps", "ijk"), default="ras", help=SPACE_HELP)
+    seg.add_argument("--random-weights", action="store_true",
+                     help="allow --model fastsam3d / sam-med3d / fastsam3d-teacher without weights: an "
+                          "untrained model (meaningless masks; for testing the pipeline only)")
     seg.add_argument("--prompts", metavar="FILE.json",
                      help='several objects: {"space": "ras", "objects": [{"label": 1, "name": "liver", '
                           '"points": [[x,y,z]], "negative": [[x,y,z]]}, ...]}; each object gets its label, '
@@ -372,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address to listen on (default 127.0.0.1: this computer only)")
     web.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     web.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    web.add_argument("--max-upload-mb", type=int, default=2048,
+                     help="largest upload the page accepts, in MiB (default 2048)")
     _model_options(web)
     web.set_defaults(func=cmd_web)
     return parser
@@ -388,8 +447,11 @@ def cmd_web(args) -> int:
                   "pip install -e .[web]", file=sys.stderr)
             return 2
         raise
+    if args.max_upload_mb <= 0:
+        raise ValueError("--max-upload-mb must be a positive number of MiB")
     return serve(args.images, host=args.host, port=args.port, model=args.model, device=args.device,
-                 open_browser=args.open_browser, spacing=args.spacing)
+                 open_browser=args.open_browser, max_upload_bytes=args.max_upload_mb * 1024 ** 2,
+                 spacing=args.spacing)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -510,7 +572,7 @@ def _parse_spacing(text: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_points(list(sys.argv[1:] if argv is None else argv)))
     if getattr(args, "command", None) == "evaluate" and not (args.data or args.image):
         parser.error("evaluate needs a data set or --image/--label")
     # ImageError, CheckpointError, EngineError, TrainingError and DataError are

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from .acceleration import engine_fast_path, logits_to_patch_fast
 from .build import build_model, resolve_device
-from .image import ImageError, bounding_box, is_inside, load_image, point_to_lps, validate_image
+from .image import (ImageError, bounding_box, format_numbers, is_inside, load_image, point_to_lps,
+                    validate_image)
 from .model import Sam3D
 from .roi import (MaskPatch, RoiGeometry, extract_roi, positive_box_on_image, roi_box_on_image,
                   roi_for_point)
@@ -782,8 +783,8 @@ class InteractiveSession:
         started = time.perf_counter()
         p_lps = point_to_lps(self.image, point, space)
         if not is_inside(self.image, p_lps):
-            raise ImageError(f"the point {tuple(round(float(v), 2) for v in np.asarray(point, float))} "
-                             f"({space}) lies outside the image")
+            raise ImageError(f"the point {format_numbers(point, 2)} ({space}) "
+                             "lies outside the image")
         click = PhysicalClick(tuple(float(v) for v in p_lps), bool(positive))
         with self.engine._lock:
             return self._with_cpu_fallback(lambda: self._click(click, started))
