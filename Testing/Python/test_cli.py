@@ -169,8 +169,7 @@ def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch, shared
         assert code == 0 and crops[-1] == crop_mm and f"crop spacing {logged}" in err
     spine = shared_data / "mri_spine_cord_sct_t2"
     code, _, err = _run(["evaluate", "--image", spine / "t2.nii.gz", "--label", spine / "t2_seg-manual.nii.gz",
-                         "--model", "fastsam3d", "--random-weights", "--device", "cpu", "--clicks", "1",
-                         "--spacing", "0.75"], capsys)
+                         "--model", "default", "--device", "cpu", "--clicks", "1", "--spacing", "0.75"], capsys)
     assert code == 0 and crops[-1] == 0.75, err
     with pytest.raises(SystemExit):
         main(["evaluate", "--image", str(SAMPLE), "--label", str(SAMPLE), "--spacing", "zoom"])
