@@ -593,9 +593,9 @@ def test_engine_halves_touch_no_mrml_and_run_on_the_worker(spine):
     threads = []
     compute = type(s.engine).new_session
 
-    def spy(engine, image):
+    def spy(engine, image, **options):
         threads.append(threading.current_thread().name)
-        return compute(engine, image)
+        return compute(engine, image, **options)
     s.engine.new_session = spy.__get__(s.engine)
     try:
         f1 = s.submit(worker, "click", centre_of(vol, (30, 27, 26)), True)
@@ -621,9 +621,9 @@ def test_building_a_session_never_waits_for_the_engine(spine):
     busy.acquire()                                     # "the worker is encoding"
     made = engine.new_session
 
-    def waiting_new_session(image):
+    def waiting_new_session(image, **options):
         with busy:
-            return made(image)
+            return made(image, **options)
     engine.new_session = waiting_new_session
     done = threading.Event()
     box = []
