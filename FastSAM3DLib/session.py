@@ -25,11 +25,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .acceleration import engine_fast_path, logits_to_patch_fast
+from .acceleration import ModelRunner
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
-from .roi import MaskPatch, RoiGeometry, extract_roi, roi_for_point
+from .roi import MaskPatch, RoiGeometry, extract_roi, positive_patch, roi_for_point
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,26 +99,25 @@ class Engine:
     """Model + device + embedding cache, shared by the sessions of an application.
 
     Thread-safe: every model call and cache access holds one lock, so a GUI
-    may run clicks on a worker thread.
+    may run clicks on a worker thread. Model calls go through a ``ModelRunner``
+    (on CUDA: CUDA-graph replays, ``compile``: torch.compile first); ``paster``
+    (image, roi, low-res logits) -> MaskPatch | None turns a click's logits
+    into the mask it writes.
     """
 
     def __init__(self, model: str | Sam3D = "default", device: str = "auto",
                  precision: str = "auto", checkpoint=None, cache_size: int = 8,
-                 cpu_fallback: bool = True, fast: bool | str = "auto"):
+                 cpu_fallback: bool = True, graphs: bool = True, compile: bool = False,
+                 paster=positive_patch):
         self.device = resolve_device(device)
         if isinstance(model, Sam3D):
             self.model = model.eval().to(self.device)
         else:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
-        # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
-        # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
-        # serves, so the float32 master encoder waits on the CPU (for the CPU fallback).
-        self._fast_mode = fast
-        self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
-        if self._fast is not None and self._fast.encoder is not self.model.image_encoder:
-            self.model.image_encoder.to("cpu")
-            torch.cuda.empty_cache()
+        self._runner_options = {"graphs": graphs, "compile": compile}
+        self.runner = ModelRunner(self.model, self.device, self.precision, **self._runner_options)
+        self.paster = paster
         self.cpu_fallback = cpu_fallback
         self.encoder_calls = 0
         self._lock = threading.RLock()
@@ -172,10 +171,6 @@ class Engine:
             return entry[1]
 
     # -- model calls -------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.precision,
-                              enabled=self.precision != torch.float32)
-
     def _run(self, fn):
         """Run a model call; on CUDA out-of-memory fall back to the CPU (or say so)."""
         try:
@@ -186,14 +181,12 @@ class Engine:
                 raise EngineError("the GPU ran out of memory; close other GPU programs or "
                                   "choose the CPU device") from None
             warnings.warn("GPU out of memory: continuing on the CPU", stacklevel=3)
-            if self._fast is not None:
-                self._fast.release()
-                self._fast = None
-                torch.cuda.empty_cache()
+            self.runner.release()
+            torch.cuda.empty_cache()
             self.device = torch.device("cpu")
             self.model = self.model.to(self.device)
             self.precision = torch.float32
-            self._fast = engine_fast_path(self.model, self.device, self.precision, self._fast_mode)
+            self.runner = ModelRunner(self.model, self.device, self.precision, **self._runner_options)
             self._cache.clear()
             return fn(), True
 
@@ -210,15 +203,8 @@ class Engine:
                 return self._cache[key][1], False
             crop = extract_roi(image, roi)
 
-            def encode():
-                volume = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
-                if self._fast is not None:
-                    return self._fast.encode(volume)
-                volume = volume.to(self.device)
-                with torch.inference_mode(), self._autocast():
-                    return self.model.encode(volume)
-
-            embedding, _ = self._run(encode)
+            volume = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
+            embedding, _ = self._run(lambda: self.runner.encode(volume))
             self.encoder_calls += 1
             self._cache[key] = (image, embedding)
             while len(self._cache) > self._cache_size:
@@ -228,21 +214,10 @@ class Engine:
     def decode(self, embedding: torch.Tensor, points_voxel: np.ndarray, labels: np.ndarray,
                mask_logits: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         with self._lock:
-            def run():
-                if self._fast is not None:
-                    logits, iou = self._fast.decode(
-                        embedding, torch.as_tensor(points_voxel, dtype=torch.float32)[None],
-                        torch.as_tensor(labels, dtype=torch.int64)[None], mask_logits)
-                    return logits, float(iou[0, 0])
-                points = torch.as_tensor(points_voxel, dtype=torch.float32, device=self.device)[None]
-                lab = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
-                prompt = None if mask_logits is None else mask_logits.to(self.device)
-                with torch.inference_mode(), self._autocast():
-                    logits, iou = self.model.decode(embedding.to(self.device), points, lab, prompt)
-                return logits.float(), float(iou.float()[0, 0])
-
-            (logits, iou), _ = self._run(run)
-            return logits, iou
+            points = torch.as_tensor(points_voxel, dtype=torch.float32)[None]
+            lab = torch.as_tensor(labels, dtype=torch.int64)[None]
+            (logits, iou), _ = self._run(lambda: self.runner.decode(embedding, points, lab, mask_logits))
+            return logits, float(iou[0, 0])
 
 
 def _resample_logits(logits: torch.Tensor, source: RoiGeometry, target: RoiGeometry) -> torch.Tensor:
@@ -357,7 +332,8 @@ class InteractiveSession:
             decoded = time.perf_counter()
 
             # Evaluated only on the box the mask can occupy, then cut to its content.
-            new_patch = _crop_to_content(logits_to_patch_fast(self.image, roi, logits[0, 0]))
+            pasted = self.engine.paster(self.image, roi, logits[0, 0])
+            new_patch = None if pasted is None else _crop_to_content(pasted)
             state = _State(clicks, roi, logits, new_patch)
             self._history = self._history[:self._position + 1] + [state]
             self._position += 1
