@@ -80,7 +80,7 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         cuda = self.device.type == "cuda"
-        if not cuda and torch.float32 not in (precision, decoder_precision):
+        if not cuda and (precision, decoder_precision) != (torch.float32, torch.float32):
             raise ValueError("half precision is only supported on CUDA; use float32 on the CPU")
         self.model = model.eval().to(self.device)
         self.precision = precision
