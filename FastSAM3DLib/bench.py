@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .acceleration import ModelRunner
 from .model import NAMED_CONFIGS, EncoderConfig, ModelConfig, Sam3D
+from .training.losses import batch_dice
 
 TINY = ModelConfig(name="tiny", encoder=EncoderConfig(
     img_size=64, embed_dim=48, depth=3, num_heads=2, window_size=0, global_attn_indexes=(),
@@ -116,13 +117,6 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
-
-
-def mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dice of two boolean masks, 1.0 when both are empty (they agree)."""
-    a, b = a.bool().cpu(), b.bool().cpu()
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def upsampled_mask(logits: torch.Tensor, size: int) -> torch.Tensor:
@@ -275,7 +269,7 @@ class Bench:
                 ms, p90 = measure(runner.decode, args, dev, a.warmup, a.repeats)
                 self.add(Row(name, f"decoder, {n} point{'s' * (n > 1)}", variant.name, ms, p90,
                              rel_max(logits, truth[n]),
-                             mask_dice(upsampled_mask(logits, size), upsampled_mask(truth[n], size))))
+                             float(batch_dice(upsampled_mask(logits, size), upsampled_mask(truth[n], size)))))
             ms, p90 = measure(lambda *x: upsampled_mask(runner.decode(*x)[0], size),
                               [(truth["embedding"][i], p, lab, m) for i, (_, p, lab, m) in enumerate(sets[1])],
                               dev, a.warmup, a.repeats)

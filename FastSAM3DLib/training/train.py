@@ -26,7 +26,7 @@ from ..model import NAMED_CONFIGS, ModelConfig, Sam3D
 from ..model.config import DEFAULT_COMPACT
 from .interaction import decode_fp32, make_click_plan, sample_clicks
 from .loop import DistributedContext, RunConfig, Task, TrainingError, run, step_seed
-from .losses import dice_bce_loss, hard_dice, hard_iou
+from .losses import dice_bce_loss, batch_dice, hard_iou
 
 TRAINABLE_CONFIGS: dict[str, ModelConfig] = {"default": DEFAULT_COMPACT, **NAMED_CONFIGS}
 
@@ -125,8 +125,8 @@ class InteractiveTraining(nn.Module):
             total = total + dice_bce_loss(logits, target) + self.interaction.iou_loss_weight * iou_loss
             mask_prompt = low_res.detach()
             if first_dice is None:
-                first_dice = hard_dice(pred, target).mean()
-        return total / plan.steps, {"dice": hard_dice(pred, target).mean(), "dice_click1": first_dice}
+                first_dice = batch_dice(pred, target).mean()
+        return total / plan.steps, {"dice": batch_dice(pred, target).mean(), "dice_click1": first_dice}
 
 
 def _lr_scales(name: str, decoder_scale: float) -> float:
