@@ -84,6 +84,7 @@ class Row:
     p90: float | None = None
     err: float | None = None          # max |x - fp32 eager| / max |fp32 eager|
     dice: float | None = None         # 128^3 masks against fp32 eager
+    peak_mb: float | None = None      # GPU memory of the variant: weights, graphs, buffers
     note: str = ""
 
 
@@ -256,14 +257,18 @@ class Bench:
         for variant in variants:
             if self.over_budget(f"{name} {variant.name}"):
                 continue
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
             runner = variant.runner(model, dev)
             embeddings = [runner.encode(v) for v, *_ in sets[1]]
             if variant == EAGER_FP32:
                 truth["embedding"] = embeddings
             reps = (a.cpu_encoder_repeats, 1) if dev.type == "cpu" else (a.repeats, a.warmup)
             ms, p90 = measure(lambda v, *_: runner.encode(v), sets[1], dev, reps[1], reps[0])
-            self.add(Row(name, "encoder", variant.name, ms, p90, rel_max(embeddings[0], truth["embedding"][0]),
-                         note=runner.describe()))
+            encoder_row = Row(name, "encoder", variant.name, ms, p90,
+                              rel_max(embeddings[0], truth["embedding"][0]), note=runner.describe())
+            self.add(encoder_row)
             for n in (1, 4):
                 args = [(truth["embedding"][i], p, lab, m) for i, (_, p, lab, m) in enumerate(sets[n])]
                 logits = runner.decode(*args[0])[0]
@@ -277,6 +282,8 @@ class Bench:
                               [(truth["embedding"][i], p, lab, m) for i, (_, p, lab, m) in enumerate(sets[1])],
                               dev, a.warmup, a.repeats)
             self.add(Row(name, "decoder + 128^3 upsample", variant.name, ms, p90))
+            if dev.type == "cuda":
+                encoder_row.peak_mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
             runner.release()
         if a.reference and "reference" not in truth:
             truth["reference"] = True
@@ -373,14 +380,14 @@ def format_table(result: dict) -> str:
     env = result["environment"]
     lines = [f"{env['device']}, torch {env['torch']}" + (f", CUDA {env['cuda']}" if env.get("cuda") else "")
              + f", {env['threads']} threads, {env['date']}", "",
-             "| model | stage | variant | median ms | p90 ms | logits err vs fp32 | Dice vs fp32 | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | stage | variant | median ms | p90 ms | err vs fp32 | Dice vs fp32 | peak MB | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, fmt):
         return "" if v is None else format(v, fmt)
     for r in result["rows"]:
         lines.append(f"| {r['model']} | {r['stage']} | {r['variant']} | {f(r['ms'], '.3f')} | {f(r['p90'], '.3f')} "
-                     f"| {f(r['err'], '.1e')} | {f(r['dice'], '.4f')} | {r['note']} |")
+                     f"| {f(r['err'], '.1e')} | {f(r['dice'], '.4f')} | {f(r['peak_mb'], '.0f')} | {r['note']} |")
     lines += [""] + [f"- skipped {k}: {v}" for k, v in result["skipped"].items()]
     return "\n".join(lines) + "\n"
 
