@@ -79,9 +79,10 @@ def relative_position_bias(q: torch.Tensor, grid: int, rel_d: torch.Tensor, rel_
     qd, qh, qw = query_shape or (g, g, g)
     r_q = q.reshape(b, h, g, g, g, d)
     table_d, table_h, table_w = (relative_position_table(g, t) for t in (rel_d, rel_h, rel_w))
-    t_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q[:, :, :qd, :qh, :qw], table_d[:qd])   # [a,b,c,c']
-    t_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q[:, :, :qd, :qh], table_h[:qh])        # [a,b,a',c']
-    t_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q[:, :, :qd, :qh], table_w)             # [a,b,b',c']
+    # Contiguous terms make the broadcast sum contiguous too (no copy of the large bias).
+    t_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q[:, :, :qd, :qh, :qw], table_d[:qd]).contiguous()  # [a,b,c,c']
+    t_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q[:, :, :qd, :qh], table_h[:qh]).contiguous()       # [a,b,a',c']
+    t_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q[:, :, :qd, :qh], table_w).contiguous()            # [a,b,b',c']
     # Index layout of the 7-D bias: (a, b, c, a', b', c') after (batch, head).
     bias = (t_d[:, :, :, :, :, None, None, :]
             + t_h[:, :, :, :, None, :, None, :]
