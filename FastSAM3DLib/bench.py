@@ -310,7 +310,7 @@ class Bench:
         try:
             import SimpleITK as sitk
 
-            from .roi import RoiGeometry, positive_patch
+            from .roi import RoiGeometry, logits_to_patch, positive_box_on_image
             from .session import Engine
         except ImportError as exc:
             self.skipped["engine and paste-back"] = f"needs SimpleITK ({exc})"
@@ -323,8 +323,11 @@ class Bench:
         config = model.config
         sphere = sphere_logits(config.encoder.img_size, 4 * config.image_embedding_size, 30.0 / config.spacing_mm)
 
-        def sphere_paster(img, roi, logits):       # a realistic object size despite random weights
-            return positive_patch(img, roi, sphere.to(logits.device))
+        def paste(img, roi, logits):               # what a click does after the decoder
+            return logits_to_patch(img, roi, logits, positive_box_on_image(img, roi, logits))
+
+        def sphere_paster(img, roi, logits, box):  # a realistic object size despite random weights
+            return paste(img, roi, sphere.to(logits.device))
 
         for precision in ("fp32", "bf16") if dev.type == "cuda" else ("fp32",):
             engine = Engine(model, device=str(dev), precision=precision, paster=sphere_paster)
@@ -346,9 +349,9 @@ class Bench:
         oblique.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
         for label, img in (("aligned image", image), ("oblique image", oblique)):
             logits = sphere.to(dev)
-            ms, p90 = measure(lambda: positive_patch(img, roi, logits), [()], dev, 2, max(3, a.repeats // 5))
+            ms, p90 = measure(lambda: paste(img, roi, logits), [()], dev, 2, max(3, a.repeats // 5))
             self.add(Row(name, "paste-back", f"{label}, 30 mm object", ms, p90,
-                         note=f"{positive_patch(img, roi, logits).array.size} voxels"))
+                         note=f"{paste(img, roi, logits).array.size} voxels"))
 
     def run(self) -> dict:
         torch.set_num_threads(self.args.threads or torch.get_num_threads())

@@ -314,14 +314,6 @@ def logits_to_patch(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.T
     return MaskPatch(box[0], mask.cpu().numpy())
 
 
-def positive_patch(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.Tensor) -> MaskPatch | None:
-    """The predicted mask over only the image box it can occupy
-    (``positive_box_on_image``), None where no voxel is positive: what a click
-    writes, at a cost proportional to the object rather than the ROI."""
-    box = positive_box_on_image(image, roi, low_res_logits)
-    return None if box is None else logits_to_patch(image, roi, low_res_logits, box)
-
-
 def patch_to_full(image: sitk.Image, patch: MaskPatch) -> np.ndarray:
     """The patch as a full (k, j, i) bool mask of the image."""
     full = np.zeros(image.GetSize()[::-1], dtype=bool)

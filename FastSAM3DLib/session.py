@@ -29,7 +29,7 @@ from .acceleration import ModelRunner
 from .build import build_model, resolve_device
 from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
-from .roi import MaskPatch, RoiGeometry, extract_roi, positive_patch, roi_for_point
+from .roi import MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image, roi_for_point
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,14 +101,14 @@ class Engine:
     Thread-safe: every model call and cache access holds one lock, so a GUI
     may run clicks on a worker thread. Model calls go through a ``ModelRunner``
     (on CUDA: CUDA-graph replays, ``compile``: torch.compile first); ``paster``
-    (image, roi, low-res logits) -> MaskPatch | None turns a click's logits
-    into the mask it writes.
+    (image, roi, low-res logits, box) -> MaskPatch evaluates a click's mask on
+    the image grid (``roi.logits_to_patch``; the bench injects its own).
     """
 
     def __init__(self, model: str | Sam3D = "default", device: str = "auto",
                  precision: str = "auto", checkpoint=None, cache_size: int = 8,
                  cpu_fallback: bool = True, graphs: bool = True, compile: bool = False,
-                 paster=positive_patch):
+                 paster=logits_to_patch):
         self.device = resolve_device(device)
         if isinstance(model, Sam3D):
             self.model = model.eval().to(self.device)
@@ -332,8 +332,9 @@ class InteractiveSession:
             decoded = time.perf_counter()
 
             # Evaluated only on the box the mask can occupy, then cut to its content.
-            pasted = self.engine.paster(self.image, roi, logits[0, 0])
-            new_patch = None if pasted is None else _crop_to_content(pasted)
+            box = positive_box_on_image(self.image, roi, logits[0, 0])
+            new_patch = None if box is None else _crop_to_content(
+                self.engine.paster(self.image, roi, logits[0, 0], box))
             state = _State(clicks, roi, logits, new_patch)
             self._history = self._history[:self._position + 1] + [state]
             self._position += 1

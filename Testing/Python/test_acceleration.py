@@ -105,14 +105,14 @@ def test_engine_pastes_through_its_paster(tiny):
     sitk = pytest.importorskip("SimpleITK")
     import numpy as np
 
-    from FastSAM3DLib.roi import positive_patch
+    from FastSAM3DLib.roi import logits_to_patch
     from FastSAM3DLib.session import Engine
     model = tiny[0]
     calls = []
 
-    def paster(image, roi, logits):
+    def paster(image, roi, logits, box):
         calls.append((roi, tuple(logits.shape)))
-        return positive_patch(image, roi, torch.ones_like(logits))      # the whole ROI
+        return logits_to_patch(image, roi, torch.ones_like(logits))      # the whole ROI
 
     image = sitk.GetImageFromArray(np.random.default_rng(0).normal(size=(40, 50, 60)).astype(np.float32))
     engine = Engine(model, device="cpu", paster=paster)

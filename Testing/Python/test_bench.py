@@ -7,7 +7,7 @@ from FastSAM3DLib.bench import main
 
 
 def test_benchmark_runs_on_the_cpu_on_a_tiny_config(tmp_path):
-    before = session.Engine.decode, roi.positive_patch
+    before = session.Engine.decode, roi.logits_to_patch
     result = main(["--tiny", "--device", "cpu", "--out", str(tmp_path), "--reference", str(tmp_path / "none")])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["environment"]["device"].startswith("CPU") and saved["rows"] == result["rows"]
@@ -23,4 +23,4 @@ def test_benchmark_runs_on_the_cpu_on_a_tiny_config(tmp_path):
     assert any("reference" in key for key in saved["skipped"])   # a missing copy is reported, not fatal
     table = (tmp_path / "bench.md").read_text()
     assert "| model | stage | variant |" in table and table.count("\n| tiny |") == len(saved["rows"])
-    assert (session.Engine.decode, roi.positive_patch) == before    # measured, not patched
+    assert (session.Engine.decode, roi.logits_to_patch) == before    # measured, not patched
