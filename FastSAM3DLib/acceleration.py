@@ -80,16 +80,15 @@ class ModelRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         cuda = self.device.type == "cuda"
-        if not cuda and (precision, decoder_precision) != (torch.float32, torch.float32):
-            raise ValueError("half precision is only supported on CUDA; use float32 on the CPU")
         self.model = model.eval().to(self.device)
         self.precision = precision
         self.decoder_precision = decoder_precision
         self.graphs = graphs and cuda
         self.tf32 = tf32 and cuda
         self.warmup = warmup
+        self.compiled = compile and cuda
         self._encode, self._decode = self._plain_encode, self._plain_decode
-        if compile and cuda:
+        if self.compiled:
             self._encode = torch.compile(self._plain_encode, dynamic=False)
             self._decode = torch.compile(self._plain_decode, dynamic=False)
         self._captured: dict[tuple, CapturedCall] = {}
@@ -101,12 +100,15 @@ class ModelRunner:
                  f"{str(self.decoder_precision).replace('torch.', '')} decoder"]
         if self.graphs:
             parts.append("CUDA graphs")
-        if self._encode is not self._plain_encode:
+        if self.compiled:
             parts.append("compiled")
         return ", ".join(parts)
 
     def _autocast(self, dtype: torch.dtype):
-        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        # No cast cache: cached casts must not outlive a graph capture (each weight is cast once
+        # per call anyway).
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32,
+                              cache_enabled=False)
 
     # -- the computations (captured as they are) ----------------------------------
     def _plain_encode(self, volume: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,23 @@ def test_capture_per_shape_with_static_buffers(tiny):
     assert not runner._captured
 
 
-def test_half_precision_is_refused_on_the_cpu(tiny):
-    with pytest.raises(ValueError, match="only supported on CUDA"):
-        ModelRunner(tiny[0], "cpu", torch.bfloat16)
+def test_bf16_autocast_path_on_the_cpu(tiny):
+    # The code a GPU runs, but the capture: autocast encoder and decoder, replays of
+    # static buffers; float32 outputs within the accuracy rule's 2e-2 of the model.
+    model, volume, embedding = tiny
+    s = model.config.encoder.img_size
+    for decoder_precision, limit, min_dice in ((torch.float32, 1e-5, 1.0), (torch.bfloat16, 3e-2, 0.99)):
+        runner = ModelRunner(model, "cpu", torch.bfloat16, decoder_precision)
+        runner.graphs, runner.capture = True, EagerReplay
+        got = runner.encode(volume)
+        assert got.dtype == torch.float32 and _rel(got, embedding) < 2e-2
+        for points, labels, mask, multimask in _prompts(model):
+            with torch.no_grad():
+                expected, _ = model.decode(embedding, points, labels, mask, multimask=multimask)
+            logits, iou = runner.decode(embedding, points, labels, mask, multimask=multimask)
+            assert logits.dtype == iou.dtype == torch.float32 and _rel(logits, expected) < limit
+            a, b = upsampled_mask(logits, s), upsampled_mask(expected, s)
+            assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= min_dice
 
 
 def test_engine_pastes_through_its_paster(tiny):
