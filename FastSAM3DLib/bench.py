@@ -353,6 +353,54 @@ class Bench:
             self.add(Row(name, "paste-back", f"{label}, 30 mm object", ms, p90,
                          note=f"{paste(img, roi, logits).array.size} voxels"))
 
+    def run_cases(self) -> None:
+        """The accuracy rule on real cases with the bundled model: per label a
+        first click at the target's deepest voxel and one corrective click from
+        the float32 eager Engine's mask, given to an Engine per configuration;
+        Dice of each mask against the float32 eager Engine's (1.0 when both are
+        empty; needs SimpleITK)."""
+        a, dev = self.args, self.device
+        try:
+            from .build import build_model
+            from .clicks import center_click
+            from .evaluate import load_label
+            from .image import load_image
+            from .session import Engine
+            from .training.data import read_manifest
+        except ImportError as exc:
+            self.skipped["real cases"] = f"needs SimpleITK and scipy ({exc})"
+            return
+        names = a.case_names.split(",") if a.case_names else None
+        cases = [c for c in read_manifest(a.cases) if names is None or c.name in names]
+        model = build_model("default", device=dev)
+        configs = [("eager fp32", dict(precision="fp32", graphs=False))]
+        if dev.type == "cuda":
+            configs += [("graphs fp32", dict(precision="fp32")), ("graphs bf16 (engine default)", dict(precision="bf16"))]
+        engines = [(label, Engine(model, device=str(dev), **options)) for label, options in configs]
+        scores = {label: [] for label, _ in engines}
+        for case in cases:
+            image = load_image(case.image)
+            labels = load_label(case.label, image)
+            spacing = np.array(image.GetSpacing())[::-1]
+            for value in sorted(int(v) for v in np.unique(labels) if v != 0)[:a.labels_per_case]:
+                gt = labels == value
+                first = center_click(np.zeros_like(gt), gt, spacing)
+                reference = engines[0][1].new_session(image)
+                reference.add_click(first.index[::-1], positive=first.positive, space="ijk")
+                second = center_click(reference.mask(), gt, spacing) or first
+                reference.add_click(second.index[::-1], positive=second.positive, space="ijk")
+                for label, engine in engines:
+                    session = engine.new_session(image)
+                    for click in (first, second):
+                        session.add_click(click.index[::-1], positive=click.positive, space="ijk")
+                    masks = torch.from_numpy(session.mask())[None], torch.from_numpy(reference.mask())[None]
+                    scores[label].append(float(batch_dice(*masks)))      # both empty: they agree
+        for label, values in scores.items():
+            if values:
+                self.add(Row("default", "real cases: mask Dice vs fp32 (min)", label, dice=float(min(values)),
+                             note=f"{len(values)} targets of {len(cases)} cases, 2 clicks; mean "
+                                  f"{float(np.mean(values)):.4f}"))
+
     def run(self) -> dict:
         torch.set_num_threads(self.args.threads or torch.get_num_threads())
         torch.manual_seed(self.args.seed)
@@ -362,6 +410,8 @@ class Bench:
             self.run_model(name, variants)
         if a.engine:
             self.run_engine(a.models[0], self.models[a.models[0]])
+        if a.cases:
+            self.run_cases()
         if a.compile and self.device.type == "cuda":       # last: the slowest to set up
             self.run_model(a.models[0], COMPILED_VARIANTS)
         return {"environment": environment(self.device), "arguments": vars(self.args),
@@ -404,6 +454,9 @@ def parse_args(argv=None):
     p.add_argument("--reference", default=None, help="folder holding SAM-Med3D/ and FastSAM3D/ (upstream code)")
     p.add_argument("--compile", action="store_true", help="also the torch.compile variants (first model)")
     p.add_argument("--no-engine", dest="engine", action="store_false", help="skip click-to-mask and paste-back")
+    p.add_argument("--cases", default=None, help="a MANIFEST.json of real cases for the accuracy rule")
+    p.add_argument("--case-names", default=None, help="comma-separated cases of the manifest (default: all)")
+    p.add_argument("--labels-per-case", type=int, default=4)
     p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--cpu-encoder-repeats", type=int, default=5)
