@@ -122,7 +122,8 @@ class ModelRunner:
 
     def _run(self, key: tuple, fn, inputs: tuple, tf32: bool):
         """fn(*inputs) eagerly, or as the replay of the graph captured for ``key``."""
-        with _tf32() if tf32 else contextlib.nullcontext():
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, _tf32() if tf32 else contextlib.nullcontext():
             if not self.graphs:
                 return fn(*inputs)
             call = self._captured.get(key)

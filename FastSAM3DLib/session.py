@@ -116,7 +116,7 @@ class Engine:
             self.model = build_model(model, checkpoint=checkpoint, device=self.device)
         self.precision = self._choose_precision(precision)
         self._runner_options = {"graphs": graphs, "compile": compile}
-        self.runner = ModelRunner(self.model, self.device, self.precision, **self._runner_options)
+        self.runner = self._new_runner()
         self.paster = paster
         self.cpu_fallback = cpu_fallback
         self.encoder_calls = 0
@@ -125,6 +125,11 @@ class Engine:
         self._cache: OrderedDict[tuple, tuple[sitk.Image, torch.Tensor]] = OrderedDict()
         self._cache_size = cache_size
         self._images: dict = {}
+
+    def _new_runner(self) -> ModelRunner:
+        # A half-precision engine runs its float32 decoder on TF32 tensor cores; fp32 is strict.
+        return ModelRunner(self.model, self.device, self.precision, tf32=self.precision != torch.float32,
+                           **self._runner_options)
 
     def _choose_precision(self, precision: str) -> torch.dtype:
         if precision == "auto":
@@ -186,7 +191,7 @@ class Engine:
             self.device = torch.device("cpu")
             self.model = self.model.to(self.device)
             self.precision = torch.float32
-            self.runner = ModelRunner(self.model, self.device, self.precision, **self._runner_options)
+            self.runner = self._new_runner()
             self._cache.clear()
             return fn(), True
 
