@@ -36,7 +36,7 @@ def _ensureFastSAM3DLibImportable():
 _ensureFastSAM3DLibImportable()
 
 # PyTorch through the PyTorch extension (PyTorchUtils / light-the-torch picks the CUDA build).
-TORCH_REQUIREMENT = ">=2.4,<3"
+TORCH_REQUIREMENT = ">=2.5,<3"
 
 DEVICES = ["auto", "cuda", "cpu"]          # order of the device combo box items
 
@@ -332,18 +332,9 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             session = self.logic.getSession(*inputs, create=True, overwriteOtherSegments=overwrite)
             if operation == "click" and not session.clicks:
                 self.setStatus(_("Computing the image embedding (first click in this region)..."))
-            compute = {"click": lambda: session.compute_click(ras, positive),
-                       "undo": session.compute_undo, "redo": session.compute_redo,
-                       "reset": session.compute_reset}[operation]
-            apply = {"click": session.apply_click, "undo": session.apply_undo,
-                     "redo": lambda r: session.apply_click(r, "redo"),
-                     "reset": lambda r: session.apply_click(r, "reset")}[operation]
-
-            def finished(result):
-                info = apply(result) if result is not None else None
-                self.onOperationFinished(info)
-
-            self._tasks.wait(self.logic.worker.submit(compute), finished,
+            # Computed on the worker, applied here; dropped if the session was closed meanwhile.
+            self._tasks.wait(session.submit(self.logic.worker, operation, ras, positive),
+                             lambda done: self.onOperationFinished(done.apply()),
                              onError=lambda e: (self._showError(e), self.showPrompts()))
 
         self._tasks.wait(self.logic.engineFuture(), withEngine,
@@ -467,7 +458,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.excludePointButton.enabled = ready
         self.ui.addSegmentButton.enabled = segmentation is not None
         self.ui.undoButton.enabled = bool(session and session.can_undo) and not busy
-        self.ui.redoButton.enabled = session is not None and not busy
+        self.ui.redoButton.enabled = bool(session and session.can_redo) and not busy
         self.ui.resetButton.enabled = bool(session and session.clicks) and not busy
         self.ui.acceptButton.enabled = session is not None and not busy
         self.ui.exportButton.enabled = bool(volume and segmentation)
@@ -755,19 +746,19 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._sessions = {}
 
     # -- synchronous API (scripts, self-test) --------------------------------------------
-    def addClick(self, volume, segmentation, segmentId, ras, positive=True):
+    def run(self, operation, volume, segmentation, segmentId, ras=None, positive=True):
+        """One click/undo/redo/reset: engine on the worker, write here. Blocks."""
         session = self.getSession(volume, segmentation, segmentId)
-        return session.apply_click(self.worker.submit(session.compute_click, ras, positive).result())
+        return session.submit(self.worker, operation, ras, positive).result().apply()
+
+    def addClick(self, volume, segmentation, segmentId, ras, positive=True):
+        return self.run("click", volume, segmentation, segmentId, ras, positive)
 
     def undo(self, volume, segmentation, segmentId):
-        session = self.getSession(volume, segmentation, segmentId)
-        result = self.worker.submit(session.compute_undo).result()
-        return None if result is None else session.apply_undo(result)
+        return self.run("undo", volume, segmentation, segmentId)
 
     def redo(self, volume, segmentation, segmentId):
-        session = self.getSession(volume, segmentation, segmentId)
-        result = self.worker.submit(session.compute_redo).result()
-        return None if result is None else session.apply_click(result, "redo")
+        return self.run("redo", volume, segmentation, segmentId)
 
     def exportLabelmap(self, segmentation, volume, path):
         if not (segmentation and volume and path):

@@ -32,7 +32,16 @@ class CheckpointError(ValueError):
     """A weights file that cannot be used; the message is one line for the user."""
 
 
+_ZIP_MAGIC = b"PK\x03\x04"          # torch.save's default (zip) format
+_PICKLE_PROTOCOL = b"\x80"            # older torch.save files: a bare pickle
+
+
 def _read_pickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_PROTOCOL)):
+        raise CheckpointError(f"{path.name} is not a weights file: expected a PyTorch checkpoint "
+                              "(.pth, .pt, .ckpt) or a .safetensors file")
     try:
         with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -41,7 +50,7 @@ def _read_pickle(path: Path) -> dict:
         raise CheckpointError(
             f"{path.name}: refused to load: the file holds Python objects that are not plain "
             f"weights, so it could run code ({first_line[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as exc:
         raise CheckpointError(
             f"{path.name}: not a readable PyTorch checkpoint (truncated or corrupt?): "
             f"{str(exc).splitlines()[0][:160]}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -19,6 +20,23 @@ SPACE_HELP = ("coordinate system of the points: 'ras' = Slicer world coordinates
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+# "--point -60,20,-110": argparse takes a value that starts with "-" for an option
+# (only plain negative numbers are exempt), so such values are joined to their option.
+_POINT_OPTIONS = ("--point", "--negative")
+_UNSIGNED = r"(\d+\.?\d*|\.\d+)(e[-+]?\d+)?"
+_NEGATIVE_POINT = re.compile(rf"^-{_UNSIGNED}(\s*,\s*[-+]?{_UNSIGNED})*$", re.IGNORECASE)
+
+
+def _join_negative_points(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in _POINT_OPTIONS and _NEGATIVE_POINT.match(token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def _parse_point(text: str) -> tuple[float, float, float]:
@@ -75,19 +93,46 @@ def _objects_from_args(args) -> list[dict]:
     return [{"label": 1, "name": "object", "clicks": args.clicks, "space": args.space}]
 
 
+def _refuse_random_weights(args) -> None:
+    """A named architecture without its weights file segments with random
+    weights: meaningless masks. Refused unless asked for."""
+    from .model import NAMED_CONFIGS
+    if args.model in NAMED_CONFIGS and not args.random_weights:
+        raise ValueError(f"--model {args.model} names an architecture, not weights: give its weights file "
+                         "(e.g. --model FastSAM3D.pth), or 'default' for the bundled model "
+                         "(--random-weights runs it untrained: meaningless masks, for testing only)")
+    if args.random_weights:
+        warnings.warn("--random-weights: the model is untrained; its masks are meaningless")
+
+
+def _check_points(image, objects) -> None:
+    from .image import ImageError, format_numbers, is_inside, point_to_lps
+    for obj in objects:
+        for point, _ in obj["clicks"]:
+            if not is_inside(image, point_to_lps(image, point, obj["space"])):
+                raise ImageError(f"the point {format_numbers(point, 2)} ({obj['space']}) of {obj['name']} "
+                                 "lies outside the image")
+
+
 def cmd_segment(args) -> int:
+    """Exit status 0: written; 1: an object came out empty (reported; the file is
+    written if any other object has voxels); 2: an error, nothing written."""
     import numpy as np
     import SimpleITK as sitk
 
-    from .image import load_image, write_image_atomic
+    from .image import check_output_path, load_image, write_image_atomic
     from .session import Engine
 
     objects = _objects_from_args(args)
+    check_output_path(args.output)                 # before any work
+    _refuse_random_weights(args)
     image = load_image(args.image)
     _log(f"loaded {args.image}: {image.GetSize()} voxels, spacing {tuple(round(s, 3) for s in image.GetSpacing())} mm")
+    _check_points(image, objects)
     engine = Engine(model=args.model, device=args.device)
     _log(f"model {engine.model.config.name} on {engine.device_description}")
     labelmap = np.zeros(image.GetSize()[::-1], dtype=np.uint16 if max(o["label"] for o in objects) > 255 else np.uint8)
+    empty = []
     for obj in objects:
         session = engine.new_session(image)
         for point, positive in obj["clicks"]:
@@ -98,48 +143,104 @@ def cmd_segment(args) -> int:
         free = mask & (labelmap == 0)              # never overwrite an earlier object
         labelmap[free] = obj["label"]
         _log(f"  {obj['name']}: label {obj['label']}, {int(free.sum())} voxels")
+        if not free.any():
+            empty.append(obj["name"])
+    for name in empty:
+        _log(f"fastsam3d: warning: {name} came out empty (0 voxels): the clicks may miss the structure; "
+             "check them, or add a click inside it")
+    if len(empty) == len(objects):
+        _log(f"fastsam3d: error: the segmentation is empty: nothing was written to {args.output}")
+        return 1
     out = sitk.GetImageFromArray(labelmap)
     out.CopyInformation(image)
     write_image_atomic(out, args.output)
-    _log(f"wrote {args.output}")
-    return 0
+    _log(f"wrote {args.output}" + (f" ({len(empty)} of {len(objects)} objects empty)" if empty else ""))
+    return 1 if empty else 0
 
 
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
-    from .evaluate import evaluate_cases, format_table, summarise, write_json
-    from .session import Engine
+    from . import evaluate as ev
     from .training.data import Case, read_manifest, read_nnunet_folder
 
+    if args.clicks < 1:
+        raise ValueError("--clicks must be at least 1")
+    for option in ("jobs", "seeds", "min_voxels", "max_targets_per_case", "threads"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise ValueError(f"--{option.replace('_', '-')} must be at least 1")
+    quality = {}
     if args.image:
         if not args.label:
             raise ValueError("--image needs --label")
         cases = [Case(name=Path(args.image).name, image=Path(args.image), label=Path(args.label))]
+        quality[cases[0].name] = args.label_quality
     else:
         data = Path(args.data)
         if data.is_dir() and (data / "MANIFEST.json").is_file():
             data = data / "MANIFEST.json"
         cases = read_manifest(data) if data.is_file() else read_nnunet_folder(data)
+        if data.is_file():
+            quality = ev.manifest_label_quality(data)
     if args.cases:
-        wanted = set(args.cases.split(","))
+        wanted = args.cases.split(",")
+        unknown = [name for name in wanted if name not in {c.name for c in cases}]
+        if unknown:
+            raise ValueError(f"no case named {', '.join(unknown)}")
         cases = [c for c in cases if c.name in wanted]
-        if not cases:
-            raise ValueError(f"no case named {args.cases}")
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    engine = Engine(model=args.model, device=args.device)
-    _log(f"model {engine.model.config.name} on {engine.device_description}; rule {args.rule}, {args.clicks} clicks")
-    bar = tqdm(desc="labels", unit="label", file=sys.stderr)
+    labels = ev.parse_ids(args.labels) if args.labels else None
+    subsets = [ev.parse_subset(text) for text in args.subset]
+    for name, subset_case, _ in subsets:
+        if subset_case not in {c.name for c in cases}:
+            raise ValueError(f"subset {name} names case {subset_case}, which is not evaluated")
+    ceiling = tuple(ev.parse_ceiling_settings(args.ceiling)) if args.ceiling else ()
+    seeds = tuple(args.seed + n for n in range(args.seeds)) if args.rule == "reference" else (args.seed,)
+
+    tasks = []
+    for case in cases:
+        image = ev.load_image(case.image)
+        label_array = ev.load_label(case.label, image)
+        keep = [i for name, subset_case, ids in subsets if subset_case == case.name for i in ids]
+        tasks += [(case, t) for t in ev.select_targets(case, label_array, quality.get(case.name, "unknown"),
+                                                       args.min_voxels, labels, keep,
+                                                       args.max_targets_per_case)]
+    if not tasks:
+        raise ValueError(f"no target with at least {args.min_voxels} voxels in the selected cases")
+    threads = args.threads or ev.threads_per_job(args.jobs)
+    settings = ev.Settings(model=args.model, device=args.device, rule=args.rule, clicks=args.clicks,
+                           seeds=seeds, baseline=args.baseline, ceiling=ceiling, threads=threads)
+    engine = None
+    if args.jobs == 1:
+        import torch
+
+        from .session import Engine
+        torch.set_num_threads(threads)
+        engine = Engine(model=args.model, device=args.device)
+        _log(f"model {engine.model.config.name} on {engine.device_description}")
+    _log(f"{len(tasks)} targets in {len(cases)} cases; rule {args.rule} ({len(seeds)} seed(s)), "
+         f"{args.clicks} clicks; {args.jobs} process(es) x {threads} thread(s)")
+    bar = tqdm(total=len(tasks), desc="targets", unit="target", file=sys.stderr)
     started = time.perf_counter()
-    results = evaluate_cases(engine, cases, rule=args.rule, n_clicks=args.clicks, seed=args.seed,
-                             labels=labels, progress=lambda r: bar.update(1))
+    results = ev.run_targets(tasks, settings, jobs=args.jobs, engine=engine, progress=lambda r: bar.update(1))
     bar.close()
-    summary = summarise(results)
-    print(format_table(summary))
+    seconds = time.perf_counter() - started
+    summary = ev.summarise(results, args.clicks, subsets)
+    print(f"targets with >= {args.min_voxels} voxels; rule {args.rule}"
+          f"{f' (seeds {seeds[0]}..{seeds[-1]}: mean±sd over seeds)' if len(seeds) > 1 else ''}; "
+          f"Dice on each scan's own grid; model {args.model}")
+    print(ev.format_table(summary, per_target=args.per_target))
+    if ceiling:
+        print(ev.TABLE_NOTES)
+    _log(f"{len(tasks)} targets in {seconds:.0f} s")
     if args.json:
-        write_json(args.json, summary, results, {
-            "model": engine.model.config.name, "device": engine.device_description, "rule": args.rule,
-            "clicks": args.clicks, "seed": args.seed, "seconds": time.perf_counter() - started})
+        ev.write_json(args.json, summary, results, {
+            "model": args.model, "device": args.device, "rule": args.rule, "clicks": args.clicks,
+            "seeds": list(seeds), "baseline": args.baseline, "ceiling": list(ceiling),
+            "fit_min_spacing_mm": ev.FIT_MIN_SPACING_MM, "min_voxels": args.min_voxels,
+            "max_targets_per_case": args.max_targets_per_case, "cases": [c.name for c in cases],
+            "subsets": [{"name": n, "case": c, "labels": ids} for n, c, ids in subsets],
+            "jobs": args.jobs, "threads": threads, "seconds": seconds, "argv": sys.argv[1:]})
         _log(f"wrote {args.json}")
     return 0
 
@@ -154,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
         "segment", help="segment objects in a scan from positive/negative points",
         description="Segment one object (or several with --prompts) in a 3D scan from clicks, "
                     "and write a labelmap on exactly the scan's voxel grid.",
-        epilog="Example: fastsam3d segment ct.nii.gz -o liver.nii.gz --point -60,20,-110 --space ras")
+        epilog="Example: fastsam3d segment ct.nii.gz -o liver.nii.gz --point -60,20,-110 --space ras. "
+               "Exit status: 0 written, 1 an object came out empty (reported), 2 error (nothing written).")
     seg.add_argument("image", help="the scan: NIfTI, NRRD, MHA, ... file or a DICOM series folder")
     seg.add_argument("-o", "--output", required=True,
                      help="labelmap to write (.nii.gz, .nii, .nrrd or .mha); written only when complete")
@@ -163,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--negative", type=_parse_point, action=_ClickAction, const=False, dest="clicks",
                      metavar="X,Y,Z", help="a negative click: a point that must stay outside (repeatable)")
     seg.add_argument("--space", choices=("ras", "lps", "ijk"), default="ras", help=SPACE_HELP)
+    seg.add_argument("--random-weights", action="store_true",
+                     help="allow --model fastsam3d / sam-med3d / fastsam3d-teacher without weights: an "
+                          "untrained model (meaningless masks; for testing the pipeline only)")
     seg.add_argument("--prompts", metavar="FILE.json",
                      help='several objects: {"space": "ras", "objects": [{"label": 1, "name": "liver", '
                           '"points": [[x,y,z]], "negative": [[x,y,z]]}, ...]}; each object gets its label, '
@@ -173,19 +278,45 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate", help="score a model with simulated clicks against ground-truth labels",
         description="Simulate clicks against labelled scans and report Dice after 1, 3, 5 and 10 clicks, "
-                    "computed on each scan's original grid.")
+                    "computed on each scan's original grid: the model beside the sphere baseline and the "
+                    "resolution ceiling, manual-label and model-label targets apart.",
+        epilog="Validation set: scripts/evaluate_validation.sh WEIGHTS (see docs/evaluation.md)")
     ev.add_argument("data", nargs="?", help="a MANIFEST.json (or a folder holding one), or an nnU-Net "
                                             "folder with imagesTr/ and labelsTr/")
     ev.add_argument("--image", help="evaluate one scan (with --label) instead of a data set")
     ev.add_argument("--label", help="label file on the scan's grid (with --image)")
+    ev.add_argument("--label-quality", choices=("manual", "model", "unknown"), default="unknown",
+                    help="who drew the --label file (a manifest gives it per case)")
     ev.add_argument("--cases", help="comma-separated case names to keep")
-    ev.add_argument("--labels", help="comma-separated label values to evaluate (default: all)")
+    ev.add_argument("--labels", help="label values to evaluate, e.g. 1,2,37-38 (default: all)")
+    ev.add_argument("--min-voxels", type=int, default=200,
+                    help="skip targets with fewer voxels on the scan's grid (default 200)")
+    ev.add_argument("--max-targets-per-case", type=int, metavar="N",
+                    help="fast mode: at most N targets per case (--subset labels first, then spread over "
+                         "the label ids)")
+    ev.add_argument("--subset", action="append", default=[], metavar="NAME=CASE:IDS",
+                    help="also report the mean over these labels of one case, e.g. "
+                         "deep_grey=mri_brain_aal_colin27:37,38,71-78 (repeatable)")
     ev.add_argument("--rule", choices=("center", "reference"), default="center",
                     help="click rule: 'center' = deterministic (distance-transform centre of the largest "
                          "error), 'reference' = the SAM-Med3D/FastSAM3D rule (RITM, then random; seeded)")
     ev.add_argument("--clicks", type=int, default=10, help="clicks per object (default 10)")
-    ev.add_argument("--seed", type=int, default=2023, help="random seed of the 'reference' rule")
-    ev.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ev.add_argument("--seed", type=int, default=2023, help="first random seed of the 'reference' rule")
+    ev.add_argument("--seeds", type=int, default=3,
+                    help="seeds of the 'reference' rule (seed, seed+1, ...; mean and spread; default 3)")
+    ev.add_argument("--baseline", choices=("sphere", "none"), default="sphere",
+                    help="'sphere' (default): also score a 12 mm ball at each positive click and a 6 mm "
+                         "hole at each negative one, clicked by the same rule")
+    ev.add_argument("--ceiling", nargs="?", const="1.5,fit", metavar="SPACINGS",
+                    help="also report the resolution ceiling (Dice of perfect low-res logits) at these crop "
+                         "spacings in mm; 'fit' = the finest spacing (>= 0.5 mm) at which one crop holds "
+                         "the target (default when given alone: 1.5,fit)")
+    ev.add_argument("--per-target", action="store_true", help="also print one row per target")
+    ev.add_argument("--jobs", type=int, default=1,
+                    help="worker processes, each with its own engine (default 1)")
+    ev.add_argument("--threads", type=int,
+                    help="torch threads per process (default: CPU cores / jobs)")
+    ev.add_argument("--json", metavar="FILE", help="also write everything (per click, per seed) as JSON")
     _model_options(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -210,8 +341,36 @@ def build_parser() -> argparse.ArgumentParser:
                          "when --init supplies a decoder, as FastSAM3D fine-tunes, else 1)")
     tr.add_argument("--min-clicks", type=int, default=6, help="fewest click steps per sample (default 6)")
     tr.add_argument("--max-clicks", type=int, default=11, help="most click steps per sample (default 11)")
+    tr.add_argument("--encoder-width", type=int, metavar="N",
+                    help="image-encoder width of a fresh model (a multiple of 64; heads = N / 64), to "
+                         "compare model sizes; default: the configuration's own")
+    tr.add_argument("--box-prompts", action="store_true",
+                    help="give the model box-corner embeddings (a fresh 'default' model, or one --init "
+                         "without them) and train with boxes as first prompts")
+    tr.add_argument("--box-probability", type=float, default=0.3,
+                    help="share of steps whose first prompt is a box, for box-prompt models (default 0.3)")
+    tr.add_argument("--benchmark", type=int, metavar="STEPS",
+                    help="time STEPS training steps (after 3 warm-up steps) and print samples/s of the data "
+                         "alone and of the whole step, and the peak GPU memory; writes nothing")
     _training_options(tr, steps=4000, lr=8e-4)
     tr.set_defaults(func=cmd_train)
+
+    pk = sub.add_parser(
+        "pack", help="build a training-data pack (all cases once, compact, for crops cut on the GPU)",
+        description="Read every case of the sources once, turn it to RAS+ axes, quantise its image to int16 "
+                    "and renumber its labels, and write one LZMA ZIP that `fastsam3d train --pack` loads into "
+                    "GPU memory. Manifest entries with \"image\": null are label-only maps (images are "
+                    "synthesised from them); entries marked \"stored_in_train_folder\": false (validation "
+                    "cases) are left out.",
+        epilog="Example: fastsam3d pack train.pack ../shared/data/train ../shared/data/label_maps")
+    pk.add_argument("out", metavar="PACK", help="the pack file to write")
+    pk.add_argument("sources", nargs="+", metavar="MANIFEST_OR_FOLDER",
+                    help="data folders or MANIFEST.json files (as train --data), or label-map folders")
+    pk.add_argument("--exclude", action="append", default=[], metavar="NAME",
+                    help="case left out (repeatable), e.g. a validation case")
+    pk.add_argument("--min-spacing", type=float, default=0.9, metavar="MM",
+                    help="volumes finer than this are resampled to it (default 0.9 mm)")
+    pk.set_defaults(func=cmd_pack)
 
     di = sub.add_parser(
         "distill", help="distil a smaller encoder from a teacher (layer-wise progressive, resumable)",
@@ -264,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="address to listen on (default 127.0.0.1: this computer only)")
     web.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     web.add_argument("--open-browser", action="store_true", help="open the page in the default browser")
+    web.add_argument("--max-upload-mb", type=int, default=2048,
+                     help="largest upload the page accepts, in MiB (default 2048)")
     _model_options(web)
     web.set_defaults(func=cmd_web)
     return parser
@@ -280,8 +441,10 @@ def cmd_web(args) -> int:
                   "pip install -e .[web]", file=sys.stderr)
             return 2
         raise
+    if args.max_upload_mb <= 0:
+        raise ValueError("--max-upload-mb must be a positive number of MiB")
     return serve(args.images, host=args.host, port=args.port, model=args.model, device=args.device,
-                 open_browser=args.open_browser)
+                 open_browser=args.open_browser, max_upload_bytes=args.max_upload_mb * 1024 ** 2)
 
 
 def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -289,6 +452,9 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) ->
     parser.add_argument("--data", action="append", default=[], metavar="MANIFEST_OR_FOLDER",
                         help="training data: a MANIFEST.json (or a folder holding one) or an nnU-Net folder "
                              "(imagesTr/, labelsTr/); repeatable. None: synthetic volumes only")
+    parser.add_argument("--pack", action="append", default=[], metavar="PACK",
+                        help="training-data pack (fastsam3d pack; repeatable): crops are cut on the GPU from "
+                             "it, and --data / --synthetic-ratio are not used")
     parser.add_argument("--synthetic-ratio", type=float, default=0.5,
                         help="share of synthetic volumes among the samples (default 0.5)")
     parser.add_argument("--val-case", action="append", default=[], metavar="NAME",
@@ -333,17 +499,36 @@ def _run_config(args):
 def _data_config(args):
     from .training.train import DataConfig
     return DataConfig(sources=tuple(args.data), synthetic_ratio=args.synthetic_ratio,
-                      val_cases=tuple(args.val_case))
+                      val_cases=tuple(args.val_case), packs=tuple(args.pack))
 
 
 def cmd_train(args) -> int:
-    from .training.train import InteractionConfig, TrainConfig, train
+    from .training.train import InteractionConfig, TrainConfig, benchmark, train
 
     config = TrainConfig(run=_run_config(args), data=_data_config(args),
-                         interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks),
+                         interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
+                                                       box_probability=args.box_probability),
                          model_config=args.model_config, init=tuple(args.init),
-                         decoder_lr_scale=args.decoder_lr_scale)
+                         decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
+                         encoder_width=args.encoder_width)
+    if args.benchmark:
+        print(json.dumps(benchmark(config, args.benchmark)))
+        return 0
     train(config)
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from .training.pack import volumes_of_source, write_pack
+
+    exclude = set(args.exclude)
+    volumes = []
+    for source in args.sources:
+        volumes += volumes_of_source(source, exclude, args.min_spacing,
+                                     progress=lambda v: _log(f"packed {v.name}: {v.label.shape}, "
+                                                             f"{len(v.label_ids)} labels"))
+    write_pack(args.out, volumes)
+    _log(f"wrote {args.out}: {len(volumes)} volumes, {Path(args.out).stat().st_size / 1e6:.1f} MB")
     return 0
 
 
@@ -371,18 +556,18 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_points(list(sys.argv[1:] if argv is None else argv)))
     if getattr(args, "command", None) == "evaluate" and not (args.data or args.image):
         parser.error("evaluate needs a data set or --image/--label")
-    from .checkpoint import CheckpointError
-    from .image import ImageError
-    from .session import EngineError
+    # ImageError, CheckpointError, EngineError, TrainingError and DataError are
+    # ValueError / RuntimeError subclasses (not imported here: training runs
+    # where SimpleITK is not installed).
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.formatwarning = lambda msg, *a, **k: f"fastsam3d: warning: {msg}\n"
         try:
             return args.func(args)
-        except (ImageError, CheckpointError, EngineError, ValueError, OSError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"fastsam3d: error: {message}", file=sys.stderr)
             return 2

@@ -8,6 +8,7 @@ numpy in SimpleITK order (k, j, i); "ijk" points are continuous voxel indices
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,11 @@ _NON_FINITE_CHECK_SLAB = 64          # slices per pass: bounds the temporary mas
 
 class ImageError(ValueError):
     """An image the library cannot use; the message is one line for the user."""
+
+
+def format_numbers(values, digits: int = 3) -> str:
+    """(1.5, -2.0, 3.25): numbers as a user reads them (never numpy reprs)."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in np.ravel(values)) + ")"
 
 
 def _one_line(exc: Exception) -> str:
@@ -60,7 +66,7 @@ def check_volume(image) -> None:
         raise ImageError(f"the image is empty: size {'x'.join(map(str, size))} voxels")
     spacing = np.array(image.GetSpacing())
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+        raise ImageError(f"the voxel spacing {format_numbers(spacing)} mm is not positive")
     _check_direction(np.array(image.GetDirection()).reshape(3, 3))
 
 
@@ -79,12 +85,18 @@ def _count_non_finite(image: sitk.Image) -> int:
                for k in range(0, voxels.shape[0], _NON_FINITE_CHECK_SLAB))
 
 
+_FLOAT_PIXEL_IDS = (sitk.sitkFloat32, sitk.sitkFloat64)
+
+
 def validate_image(image) -> sitk.Image:
-    """A 3D scalar float32 image with the geometry of ``image``; ImageError otherwise."""
+    """``image`` itself if it is a usable 3D scalar volume; ImageError otherwise.
+
+    The pixel type is kept (an int16 CT stays int16: half the memory of
+    float32); the ROI resampling makes float32 from it. Floating-point
+    volumes with NaN or infinite voxels are refused (no silent replacement).
+    """
     check_volume(image)
-    if image.GetPixelID() != sitk.sitkFloat32:
-        image = sitk.Cast(image, sitk.sitkFloat32)
-    bad = _count_non_finite(image)
+    bad = _count_non_finite(image) if image.GetPixelID() in _FLOAT_PIXEL_IDS else 0
     if bad:
         total = int(np.prod(image.GetSize()))
         raise ImageError(f"the image has {bad} of {total} voxels that are NaN or infinite; "
@@ -93,6 +105,122 @@ def validate_image(image) -> sitk.Image:
 
 
 # -- loading ----------------------------------------------------------------------
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_READ_CHUNK = 1 << 20
+
+
+def _nifti_data_size(header: bytes) -> int | None:
+    """Bytes a NIfTI-1/2 file must hold (header + voxels), from its header; None
+    if ``header`` is not a NIfTI header."""
+    import struct
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            if header[344:347] != b"n+1":       # header/image pair (.hdr + .img): not one file
+                return None
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+            break
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            if header[4:7] != b"n+2":
+                return None
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+            break
+    else:
+        return None
+    n = max(1, min(int(dims[0]), 7))
+    voxels = int(np.prod([max(int(d), 1) for d in dims[1:1 + n]], dtype=np.int64))
+    return offset + voxels * max(int(bitpix), 8) // 8
+
+
+def check_file_complete(path: Path) -> None:
+    """Reject a truncated or corrupt NIfTI (.nii, .nii.gz) or gzip file with one
+    line: gzip streams are read to the end (their length and CRC checked), and a
+    NIfTI file must hold as many bytes as its header says. (ITK would read the
+    missing voxels as zeros.) NRRD and MetaImage readers check this themselves."""
+    import gzip
+    import zlib
+    with open(path, "rb") as f:
+        compressed = f.read(2) == _GZIP_MAGIC
+    if compressed:
+        size, header = 0, b""
+        try:
+            with gzip.open(path, "rb") as stream:
+                while chunk := stream.read(_READ_CHUNK):
+                    if len(header) < 540:
+                        header += chunk[:540 - len(header)]
+                    size += len(chunk)
+        except EOFError:
+            raise ImageError(f"{path.name} is truncated (the compressed data ends early): "
+                             "copy or download it again") from None
+        except (OSError, zlib.error) as exc:
+            raise ImageError(f"{path.name} is corrupt ({exc}): copy or download it again") from None
+    else:
+        with open(path, "rb") as f:
+            header = f.read(540)
+        size = path.stat().st_size
+    expected = _nifti_data_size(header)
+    if expected is not None and size < expected:
+        raise ImageError(f"{path.name} is truncated: its header describes {expected} bytes, the file holds "
+                         f"{size}{' (uncompressed)' if compressed else ''}: copy or download it again")
+
+
+_SLICE_GAP_TOLERANCE = 0.05            # relative spread of slice gaps taken as even
+_TILT_TOLERANCE_DEGREES = 0.1
+
+
+def _slice_geometry(files) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (n, 3), slice normal) of DICOM files from their headers."""
+    reader = sitk.ImageFileReader()
+    positions, normal = [], None
+    for name in files:
+        reader.SetFileName(name)
+        reader.ReadImageInformation()
+        keys = set(reader.GetMetaDataKeys())
+        if not {"0020|0032", "0020|0037"} <= keys:
+            raise ImageError(f"{Path(name).name} has no slice position or orientation "
+                             "(Image Position/Orientation Patient): cannot check the series")
+        positions.append([float(v) for v in reader.GetMetaData("0020|0032").split("\\")])
+        if normal is None:
+            orientation = np.array([float(v) for v in reader.GetMetaData("0020|0037").split("\\")])
+            normal = np.cross(orientation[:3], orientation[3:])
+    return np.array(positions), normal / np.linalg.norm(normal)
+
+
+def check_dicom_slices(files, folder) -> None:
+    """One line for a series FastSAM3D cannot treat as a regular 3D grid: a
+    gantry tilt (slices shifted along the table), missing slices, or uneven
+    slice spacing. (ITK would build a volume with the first gap's spacing.)"""
+    if len(files) < 3:
+        return
+    positions, normal = _slice_geometry(files)
+    order = np.argsort(positions @ normal)
+    positions = positions[order]
+    steps = np.diff(positions, axis=0)
+    gaps = steps @ normal
+    if np.any(np.abs(gaps) < 1e-6):
+        raise ImageError(f"the DICOM series in {folder} has two slices at the same position "
+                         "(a duplicate or a second series mixed in)")
+    along = np.abs(gaps) / np.linalg.norm(steps, axis=1)
+    tilt = float(np.degrees(np.arccos(np.clip(along.min(), -1, 1))))
+    if tilt > _TILT_TOLERANCE_DEGREES:
+        raise ImageError(f"the DICOM series in {folder} was acquired with a gantry tilt of {tilt:.1f} "
+                         "degrees; FastSAM3D needs a regular grid: correct the tilt first (e.g. Slicer's "
+                         "DICOM import with 'Acquisition geometry regularization')")
+    typical = float(np.median(gaps))
+    if np.max(np.abs(gaps - typical)) > _SLICE_GAP_TOLERANCE * typical:
+        wide = int(np.argmax(gaps))
+        if gaps[wide] > 1.5 * typical:
+            missing = int(round(gaps[wide] / typical)) - 1
+            raise ImageError(f"the DICOM series in {folder} has {missing} missing slice(s): a gap of "
+                             f"{gaps[wide]:.2f} mm after slice {wide + 1} of {len(files)} where the others are "
+                             f"{typical:.2f} mm apart; load the complete series")
+        raise ImageError(f"the DICOM series in {folder} has uneven slice spacing ({gaps.min():.2f} to "
+                         f"{gaps.max():.2f} mm); FastSAM3D needs evenly spaced slices: resample it first")
+
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
@@ -107,25 +235,32 @@ def _read_dicom_folder(folder: Path) -> sitk.Image:
         raise ImageError(f"no DICOM series found in the folder {folder}")
     files = {uid: reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series}
     # A folder may also hold scouts or derived series: the largest is the volume.
-    reader.SetFileNames(max(files.values(), key=len))
+    chosen = max(files.values(), key=len)
     try:
+        check_dicom_slices(chosen, folder)
+        reader.SetFileNames(chosen)
         return reader.Execute()
     except RuntimeError as exc:
         raise ImageError(f"cannot read the DICOM series in {folder}: {_one_line(exc)}") from None
 
 
 def load_image(path) -> sitk.Image:
-    """A validated float32 volume from a file SimpleITK reads (NIfTI, NRRD, MHA,
-    ...) or from a DICOM series folder (the largest series if several)."""
+    """A validated volume (its own pixel type) from a file SimpleITK reads
+    (NIfTI, NRRD, MHA, ...) or from a DICOM series folder (the largest series
+    if several)."""
     path = Path(path)
     if not path.exists():
         raise ImageError(f"image not found: {path}")
     if path.is_dir():
         image = _read_dicom_folder(path)
     else:
+        check_file_complete(path)
         try:
             image = sitk.ReadImage(str(path))
-        except RuntimeError:
+        except RuntimeError as exc:
+            if any(words in str(exc) for words in ("but received", "not read completely")):
+                raise ImageError(f"{path.name} is truncated (its voxel data ends early): "
+                                 "copy or download it again") from None
             raise ImageError(f"{path.name} is not an image file FastSAM3D can read "
                              "(expected NIfTI, NRRD, MHA, DICOM, ...)") from None
     try:
@@ -137,11 +272,14 @@ def load_image(path) -> sitk.Image:
 # -- construction -------------------------------------------------------------------
 
 def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                     direction=None, space: str = "LPS") -> sitk.Image:
-    """A validated float32 image from a (k, j, i) array and its geometry.
+                     direction=None, space: str = "LPS", check_voxels: bool = True) -> sitk.Image:
+    """A validated image (the array's pixel type; bool as uint8) from a (k, j, i)
+    array and its geometry.
 
     ``direction`` is 3x3 (or 9 numbers, row-major) whose columns are the i, j, k
     axis directions; with ``space="RAS"`` origin and direction are in RAS.
+    check_voxels=False skips the NaN/inf scan (structure and geometry are still
+    checked), for a caller whose engine validates the image later anyway.
     """
     array = np.asarray(array_kji)
     if array.ndim != 3:
@@ -163,9 +301,9 @@ def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
     elif space.upper() != "LPS":
         raise ImageError(f"unknown coordinate space {space!r}: use 'LPS' or 'RAS'")
     if not np.all(np.isfinite(origin)):
-        raise ImageError(f"the image origin {tuple(origin)} is not a finite point")
+        raise ImageError(f"the image origin {format_numbers(origin)} is not a finite point")
     if not np.all(np.isfinite(spacing) & (spacing > 0)):
-        raise ImageError(f"the voxel spacing {tuple(spacing)} mm is not positive")
+        raise ImageError(f"the voxel spacing {format_numbers(spacing)} mm is not positive")
     _check_direction(direction)
     if array.dtype == bool:
         array = array.astype(np.uint8)
@@ -173,10 +311,13 @@ def image_from_array(array_kji, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(origin.tolist())
     image.SetDirection(direction.ravel().tolist())
+    if not check_voxels:
+        check_volume(image)
+        return image
     return validate_image(image)
 
 
-def image_from_ijk_to_ras(array_kji, ijk_to_ras) -> sitk.Image:
+def image_from_ijk_to_ras(array_kji, ijk_to_ras, check_voxels: bool = True) -> sitk.Image:
     """An image from Slicer's IJK-to-RAS matrix (columns = direction * spacing,
     last column = origin), kept exactly: oblique and left-handed included."""
     matrix = np.asarray(ijk_to_ras, dtype=float)
@@ -188,7 +329,7 @@ def image_from_ijk_to_ras(array_kji, ijk_to_ras) -> sitk.Image:
     if np.any(spacing == 0):
         raise ImageError("the IJK-to-RAS matrix is singular (a voxel axis has zero length)")
     return image_from_array(array_kji, spacing=spacing, origin=matrix[:3, 3],
-                            direction=matrix[:3, :3] / spacing, space="RAS")
+                            direction=matrix[:3, :3] / spacing, space="RAS", check_voxels=check_voxels)
 
 
 # -- geometry -------------------------------------------------------------------------
@@ -257,18 +398,36 @@ def is_inside(image: sitk.Image, p_lps):
 
 # -- writing ---------------------------------------------------------------------------
 
-def write_image_atomic(image: sitk.Image, path) -> None:
-    """Write ``image`` to ``path`` whole or not at all (temporary file + rename)."""
-    if not isinstance(image, sitk.Image):
-        raise ImageError(f"expected a SimpleITK image to write, got {type(image).__name__}")
+def check_output_path(path) -> Path:
+    """The checks a labelmap output passes before any work is done: a known
+    extension, an existing folder that can be written to, not a folder itself."""
     path = Path(path)
     if full_suffix(path).lower() not in WRITABLE_SUFFIXES:
         raise ImageError(f"cannot write {path.name}: use one of the extensions "
                          f"{', '.join(WRITABLE_SUFFIXES)} (or .seg.nrrd)")
     if not path.parent.is_dir():
         raise ImageError(f"the output folder does not exist: {path.parent}")
+    if path.is_dir():
+        raise ImageError(f"cannot write {path}: it is a folder")
+    try:                                # a real try: access() says yes to root on read-only folders
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ImageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def write_image_atomic(image: sitk.Image, path) -> None:
+    """Write ``image`` to ``path`` whole or not at all (temporary file + rename)."""
+    if not isinstance(image, sitk.Image):
+        raise ImageError(f"expected a SimpleITK image to write, got {type(image).__name__}")
+    path = check_output_path(path)
     try:
         with atomic_output_path(path) as temporary:
-            sitk.WriteImage(image, temporary, True)
-    except (RuntimeError, OSError) as exc:
-        raise ImageError(f"could not write {path}: {_one_line(exc)}") from None
+            try:
+                sitk.WriteImage(image, temporary, True)
+            except RuntimeError as exc:
+                raise OSError(f"cannot write {path}: {_one_line(exc).replace(str(temporary), str(path))}") from None
+    except OSError as exc:
+        message = str(exc) if str(path) in str(exc) else f"cannot write {path}: {exc}"
+        raise ImageError(message) from None

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .image import ImageError, check_volume, lps_to_continuous_index
+from .normalization import normalize_intensity
 
 ROI_DIRECTION = np.array([-1.0, -1.0, 1.0])        # diagonal of the LPS direction matrix (RAS+)
 _GRID_SAMPLE_VOXELS_PER_CHUNK = 1 << 22            # bounds the sampling grid's memory (48 MB)
@@ -93,21 +94,6 @@ def resample_roi(image: sitk.Image, roi: RoiGeometry) -> np.ndarray:
     resampler.SetOutputPixelType(sitk.sitkFloat32)
     crop = resampler.Execute(image)
     return np.ascontiguousarray(sitk.GetArrayFromImage(crop).transpose(2, 1, 0))
-
-
-def normalize_intensity(crop) -> np.ndarray:
-    """Z-normalisation the weights were trained with (torchio ZNormalization,
-    mask x > 0): mean and unbiased std over voxels > 0, applied to all voxels;
-    unchanged when that std is 0 or undefined."""
-    crop = np.asarray(crop, dtype=np.float32)
-    foreground = crop[crop > 0]
-    if foreground.size < 2:
-        return crop
-    mean = foreground.mean(dtype=np.float64)
-    std = foreground.std(ddof=1, dtype=np.float64)
-    if std == 0:
-        return crop
-    return ((crop - mean) / std).astype(np.float32)
 
 
 def extract_roi(image: sitk.Image, roi: RoiGeometry) -> np.ndarray:

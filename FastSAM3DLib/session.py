@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .acceleration import ModelRunner
 from .build import build_model, resolve_device
-from .image import ImageError, is_inside, load_image, point_to_lps, validate_image
+from .image import ImageError, format_numbers, is_inside, load_image, point_to_lps, validate_image
 from .model import Sam3D
 from .roi import MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image, roi_for_point
 
@@ -313,7 +313,7 @@ class InteractiveSession:
         device_before = self.engine.device
         p_lps = point_to_lps(self.image, point, space)
         if not is_inside(self.image, p_lps):
-            raise ImageError(f"the point {tuple(np.round(np.asarray(point, float), 2))} ({space}) "
+            raise ImageError(f"the point {format_numbers(point, 2)} ({space}) "
                              "lies outside the image")
         with self.engine._lock:
             previous = self._state

@@ -52,7 +52,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 (optional: the first click does it too).
 <li><b>Left click</b> in a slice view (any orientation): include point. <b>Right click</b>: exclude point.
 The preview updates after each click; only the small decoder runs.
-<li><b>Apply</b> writes the preview into the selected segment (masking and overlap settings apply; undo with Ctrl+Z).
+<li><b>Apply</b> adds the preview to the selected segment, which keeps everything it had (with <i>Replace the
+segment in the region</i>: the preview replaces the segment inside its region); masking and overlap settings
+apply; undo with Ctrl+Z.
 <b>Cancel</b> discards it.
 </ul>
 With <i>Protect other segments</i> on, voxels of other segments are never taken.</html>""")
@@ -88,6 +90,11 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         self.protectCheckBox.setToolTip(_("Never take voxels that already belong to another segment."))
         self.scriptedEffect.addOptionsWidget(self.protectCheckBox)
 
+        self.replaceCheckBox = qt.QCheckBox(_("Replace the segment in the region"))
+        self.replaceCheckBox.setToolTip(_("Apply clears the selected segment inside the preview's region first. "
+                                          "Off: the preview is added and the segment keeps everything it has."))
+        self.scriptedEffect.addOptionsWidget(self.replaceCheckBox)
+
         self.progressBar = qt.QProgressBar()
         self.progressBar.setRange(0, 0)
         self.progressBar.setTextVisible(False)
@@ -113,6 +120,7 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         self.redoClickButton.connect("clicked()", lambda: self.runOperation("redo"))
         self.resetButton.connect("clicked()", lambda: self.runOperation("reset"))
         self.protectCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
+        self.replaceCheckBox.connect("toggled(bool)", self.updateMRMLFromGUI)
         self.cancelButton.connect("clicked()", self.onCancel)
         self.applyButton.connect("clicked()", self.onApply)
 
@@ -121,23 +129,28 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("ProtectOtherSegments", 1)
+        self.scriptedEffect.setParameterDefault("ReplaceInRegion", 0)
 
     def updateGUIFromMRML(self):
         wasBlocked = self.protectCheckBox.blockSignals(True)
         self.protectCheckBox.checked = self.scriptedEffect.integerParameter("ProtectOtherSegments") != 0
         self.protectCheckBox.blockSignals(wasBlocked)
+        wasBlocked = self.replaceCheckBox.blockSignals(True)
+        self.replaceCheckBox.checked = self.scriptedEffect.integerParameter("ReplaceInRegion") != 0
+        self.replaceCheckBox.blockSignals(wasBlocked)
         active = self.session is not None
         busy = self._tasks.busy if self._tasks else False
         self.initializeButton.text = _("Initialized") if active else _("Initialize")
         self.initializeButton.enabled = not active and not busy
         self.undoClickButton.enabled = active and self.session.can_undo and not busy
-        self.redoClickButton.enabled = active and not busy
+        self.redoClickButton.enabled = active and self.session.can_redo and not busy
         self.resetButton.enabled = active and bool(self.session.clicks) and not busy
         self.applyButton.enabled = active and self.session.touched_box is not None and not busy
         self.cancelButton.enabled = active
 
     def updateMRMLFromGUI(self):
         self.scriptedEffect.setParameter("ProtectOtherSegments", 1 if self.protectCheckBox.checked else 0)
+        self.scriptedEffect.setParameter("ReplaceInRegion", 1 if self.replaceCheckBox.checked else 0)
 
     def activate(self):
         self.statusLabel.text = _("Left click: include, right click: exclude.")
@@ -239,17 +252,12 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
     def runOperation(self, operation, ras=None, positive=True):
         def withEngine(engine):
             session = self._ensurePreview()
-            compute = {"click": lambda: session.compute_click(ras, positive),
-                       "undo": session.compute_undo, "redo": session.compute_redo,
-                       "reset": session.compute_reset}[operation]
 
-            def finished(result):
-                if result is None:
+            def finished(done):
+                info = done.apply()             # None: nothing to do, or the preview was cancelled
+                if info is None:
+                    self.updateGUIFromMRML()
                     return
-                if operation == "undo":
-                    info = session.apply_undo(result)
-                else:
-                    info = session.apply_click(result, operation)
                 if self._prompts is not None and not self._tasks.busy:
                     self._prompts.show(session.clicks_ras())
                 t = info.timings
@@ -257,7 +265,7 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
                     clicks=info.clicks, total=1000 * t["total"], engine=1000 * t["engine"], write=1000 * t["write"])
                 self.updateGUIFromMRML()
 
-            self._tasks.wait(self._logic().worker.submit(compute), finished)
+            self._tasks.wait(session.submit(self._logic().worker, operation, ras, positive), finished)
 
         if not self._logic().engineReady():
             self.statusLabel.text = _("Loading the model...")
@@ -268,7 +276,7 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
     def addClickSync(self, ras, positive=True):
         """Blocking click, for tests and scripts."""
         session = self._ensurePreview()
-        info = session.apply_click(self._logic().worker.submit(session.compute_click, ras, positive).result())
+        info = session.submit(self._logic().worker, "click", ras, positive).result().apply()
         self._prompts.show(session.clicks_ras())
         self.updateGUIFromMRML()
         return info
@@ -292,13 +300,15 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
         try:
             reference = b.geometry.image_to_frame(self.scriptedEffect.defaultModifierLabelmap())
-            box, new = b.writer.modifier_labelmaps(
-                Patch, segmentationNode, segmentId, sourceVolume,
+            # The segment keeps what it has (the preview is added) unless "Replace" is checked.
+            labelmaps = b.preview_labelmaps(
+                Patch, segmentationNode, segmentId, sourceVolume, replace=self.replaceCheckBox.checked,
                 protect_others=self.protectCheckBox.checked, reference_to_frame=reference)
-            self.scriptedEffect.saveStateForUndo()
+            self.scriptedEffect.saveStateForUndo()           # the Segment Editor's own Ctrl+Z
             mode = slicer.qSlicerSegmentEditorAbstractEffect
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(box, mode.ModificationModeRemove, list(box.GetExtent()))
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(new, mode.ModificationModeAdd, list(new.GetExtent()))
+            modes = {"remove": mode.ModificationModeRemove, "add": mode.ModificationModeAdd}
+            for labelmap, kind in labelmaps:
+                self.scriptedEffect.modifySelectedSegmentByLabelmap(labelmap, modes[kind], list(labelmap.GetExtent()))
         finally:
             qt.QApplication.restoreOverrideCursor()
         self.onCancel()

@@ -65,6 +65,9 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     # Voxel spacing (mm) of the crops the weights were trained on.
     spacing_mm: float = 1.5
+    # Box prompts: two more point embeddings for the corners (labels 2 and 3, as
+    # SAM encodes boxes). The official checkpoints have none.
+    box_prompts: bool = False
 
     @property
     def image_embedding_size(self) -> int:
@@ -86,6 +89,7 @@ class ModelConfig:
             mask_in_chans=data.get("mask_in_chans", 16),
             decoder=DecoderConfig(**data.get("decoder", {})),
             spacing_mm=data.get("spacing_mm", 1.5),
+            box_prompts=bool(data.get("box_prompts", False)),
         )
 
 

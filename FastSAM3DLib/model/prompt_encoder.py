@@ -42,14 +42,14 @@ class PositionEmbeddingRandom3D(nn.Module):
 
 class PromptEncoder3D(nn.Module):
     def __init__(self, embed_dim: int, image_embedding_size: int, input_image_size: int,
-                 mask_in_chans: int):
+                 mask_in_chans: int, box_prompts: bool = False):
         super().__init__()
         self.embed_dim = embed_dim
         self.image_embedding_size = image_embedding_size
         self.input_image_size = input_image_size
         self.pe_layer = PositionEmbeddingRandom3D(embed_dim // 3)
-        # index 0: negative click, 1: positive click
-        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(2))
+        # index 0: negative click, 1: positive click; with box prompts 2 and 3: box corners
+        self.point_embeddings = nn.ModuleList(nn.Embedding(1, embed_dim) for _ in range(4 if box_prompts else 2))
         self.not_a_point_embed = nn.Embedding(1, embed_dim)
         self.mask_downscaling = nn.Sequential(
             nn.Conv3d(1, mask_in_chans // 4, kernel_size=2, stride=2),
@@ -67,8 +67,9 @@ class PromptEncoder3D(nn.Module):
 
     def embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """coords (B, N, 3) voxel indices of the crop, labels (B, N): 1 positive,
-        0 negative, -1 not a point. A padding point is appended (boxes are not
-        supported by the released weights), as the model was trained."""
+        0 negative, -1 not a point, and with box prompts 2 / 3 for the corners of
+        a box (two voxel indices, lowest and highest per axis). A padding point
+        is appended, as the released models were trained."""
         b = coords.shape[0]
         coords = coords.float() + 0.5                     # voxel index -> voxel centre
         coords = torch.cat([coords, coords.new_zeros(b, 1, 3)], dim=1)
@@ -77,8 +78,8 @@ class PromptEncoder3D(nn.Module):
         labels = labels[..., None]
         # torch.where (not boolean indexing) keeps shapes static for CUDA graphs.
         embedding = torch.where(labels == -1, self.not_a_point_embed.weight, embedding)
-        embedding = embedding + torch.where(labels == 0, self.point_embeddings[0].weight, 0.0)
-        embedding = embedding + torch.where(labels == 1, self.point_embeddings[1].weight, 0.0)
+        for label, point_embedding in enumerate(self.point_embeddings):
+            embedding = embedding + torch.where(labels == label, point_embedding.weight, 0.0)
         return embedding
 
     def embed_mask(self, mask_logits: torch.Tensor | None, batch: int) -> torch.Tensor:

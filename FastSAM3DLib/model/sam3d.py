@@ -19,7 +19,8 @@ class Sam3D(nn.Module):
         self.config = config
         self.image_encoder = ImageEncoderViT3D(config.encoder)
         self.prompt_encoder = PromptEncoder3D(config.prompt_embed_dim, config.image_embedding_size,
-                                              config.encoder.img_size, config.mask_in_chans)
+                                              config.encoder.img_size, config.mask_in_chans,
+                                              box_prompts=config.box_prompts)
         self.mask_decoder = MaskDecoder3D(config.prompt_embed_dim, config.decoder)
 
     @property
@@ -44,7 +45,8 @@ class Sam3D(nn.Module):
         """One prompt pass.
 
         points (B, N, 3): voxel coordinates of the crop in tensor-axis order;
-        labels (B, N): 1 positive, 0 negative; mask_logits (B, 1, S/4, S/4, S/4):
+        labels (B, N): 1 positive, 0 negative, and with ``config.box_prompts``
+        2 / 3 for a box's first / opposite corner; mask_logits (B, 1, S/4, S/4, S/4):
         previous low-res logits, or None for the learned no-mask embedding
         (the official loops pass zeros on the first click, not None).
         Returns low-res logits (B, 1 or 3, S/4, S/4, S/4) and IoU estimates (B, 1 or 3).

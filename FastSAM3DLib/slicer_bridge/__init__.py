@@ -10,14 +10,15 @@ from .export import ExportInfo, export_labelmap
 from .geometry import (GeometryError, local_to_world, oriented_image, ras_to_ijk, volume_to_image,
                        world_ijk_to_ras)
 from .prompts import PromptPoints, clicks_ras
-from .session import ClickInfo, SegmentSession, forget_engines, get_engine, image_for_volume
+from .session import ClickInfo, Operation, SegmentSession, forget_engines, get_engine, image_for_volume
 from .worker import EngineWorker
-from .writer import (SegmentEditorLogicWriter, SegmentWriter, other_segments_mask, read_segment,
-                     read_segments, segment_ids)
+from .writer import (SegmentEditorLogicWriter, SegmentWriter, other_segments_mask, preview_labelmaps,
+                     read_segment, read_segments, segment_ids)
 
 __all__ = [
     "ClickInfo", "EngineWorker", "ExportInfo", "GeometryError", "PromptPoints", "clicks_ras", "SegmentEditorLogicWriter",
     "SegmentSession", "SegmentWriter", "export_labelmap", "forget_engines", "get_engine",
-    "image_for_volume", "local_to_world", "oriented_image", "other_segments_mask", "ras_to_ijk",
+    "image_for_volume", "local_to_world", "Operation", "oriented_image", "other_segments_mask",
+    "preview_labelmaps", "ras_to_ijk",
     "read_segment", "read_segments", "segment_ids", "volume_to_image", "world_ijk_to_ras",
 ]

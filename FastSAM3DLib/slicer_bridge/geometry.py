@@ -86,10 +86,14 @@ def volume_array(volume_node) -> np.ndarray:
     return slicer.util.arrayFromVolume(volume_node)
 
 
-def volume_to_image(volume_node):
-    """Volume node -> the engine's image (SimpleITK, LPS), in world geometry."""
+def volume_to_image(volume_node, check_voxels=False):
+    """Volume node -> the engine's image (SimpleITK, LPS), in world geometry,
+    with a copy of the voxels in their own pixel type (int16 CT stays int16).
+    The NaN/inf scan is left to the engine's ``prepare_image`` (off the main
+    thread) unless ``check_voxels``."""
     from FastSAM3DLib.image import image_from_ijk_to_ras
-    return image_from_ijk_to_ras(volume_array(volume_node), world_ijk_to_ras(volume_node))
+    return image_from_ijk_to_ras(volume_array(volume_node), world_ijk_to_ras(volume_node),
+                                 check_voxels=check_voxels)
 
 
 def volume_grid_in(volume_node, other_node) -> np.ndarray:

@@ -1,16 +1,25 @@
 """``SegmentSession``: clicks in world RAS -> FastSAM3D -> one segment of a segmentation.
 
-Every operation comes in two halves so that a GUI can run the engine on a
-worker thread and touch MRML only on the main thread:
+Every operation (click, undo, redo, reset) is one ``Operation`` in two halves,
+so that a GUI runs the engine on a worker thread and touches MRML only on the
+main thread; the module, the Segment Editor effect and the web app all use it:
 
-    result = session.compute_click(ras, positive)   # engine only: any thread
-    info = session.apply_click(result)               # MRML only: main thread
+    operation = session.operation("click", ras, positive)    # main thread
+    operation.compute()                                      # engine only: any thread
+    info = operation.apply()                                 # MRML only: main thread
 
-``add_click``/``undo``/``redo``/``reset`` do both in one call.
+``session.run(kind, ...)`` (and ``add_click``/``undo``/``redo``/``reset``) do
+all three in one call. An operation whose session was closed meanwhile (scene
+closed, model or device changed, nodes removed) is dropped: ``apply`` returns
+None and writes nothing.
 
-Undo restores the segment's content exactly as it was before the click
-(a copy of the box is kept per click), so content that was in the segment
-before the session started is not lost.
+The segment's content at the start of the session is its base layer: a write
+sets the engine result's box to ``base | prediction`` (negative clicks take
+base voxels away only where they removed predicted voxels), so voxels painted
+before are never lost; ``mode="replace"`` makes the box hold the prediction
+only. Undo, redo and reset rewrite the box from the same rule, so they restore
+the segment exactly. Edits made with other tools between two clicks are
+folded into the base.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ import numpy as np
 from .geometry import (ensure_reference_geometry, local_to_world, volume_array,
                        volume_to_image, world_ijk_to_ras)
 from .writer import SegmentEditorLogicWriter, read_segment, segment_ids
+
+MODES = ("add", "replace")
+OPERATIONS = ("click", "undo", "redo", "reset")
 
 
 @dataclass
@@ -68,9 +80,10 @@ def forget_engines() -> None:
 
 
 def image_for_volume(engine, volume_node):
-    """The engine image of a volume, shared by all sessions of ``engine`` on
-    this volume (so they share cached embeddings). Rebuilt when the voxels or
-    the world geometry change. Main thread (reads MRML)."""
+    """The engine image of a volume (voxels copied in their own pixel type),
+    shared by all sessions of ``engine`` on this volume (so they share cached
+    embeddings). Rebuilt when the voxels or the world geometry change. Main
+    thread (reads MRML); the voxel checks run later, on the worker."""
     image_data = volume_node.GetImageData()
     key = (volume_node.GetID(), image_data.GetMTime() if image_data else 0,
            tuple(np.round(world_ijk_to_ras(volume_node), 9).ravel()))
@@ -87,25 +100,99 @@ def image_for_volume(engine, volume_node):
     return image
 
 
-def _pack(array: np.ndarray):
-    return (array.shape, np.packbits(array, axis=None))
+class _Box:
+    """A box of the volume grid: start and stop (k, j, i)."""
+
+    def __init__(self, start, stop):
+        self.start = tuple(int(v) for v in start)
+        self.stop = tuple(int(v) for v in stop)
+
+    @classmethod
+    def of(cls, patch):
+        return cls(patch.start_kji, np.add(patch.start_kji, np.shape(patch.array)))
+
+    @property
+    def shape(self):
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    def union(self, other):
+        if other is None:
+            return self
+        return _Box(np.minimum(self.start, other.start), np.maximum(self.stop, other.stop))
+
+    def within(self, outer):
+        """Slices of this box inside ``outer`` (which must contain it)."""
+        return tuple(slice(a - o, b - o) for a, b, o in zip(self.start, self.stop, outer.start))
 
 
-def _unpack(packed) -> np.ndarray:
-    shape, bits = packed
-    return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+def _placed(patch, box: _Box) -> np.ndarray:
+    """``patch`` (MaskPatch or None) on ``box``, False elsewhere."""
+    out = np.zeros(box.shape, dtype=bool)
+    if patch is not None:
+        lo = np.maximum(patch.start_kji, box.start)
+        hi = np.minimum(np.add(patch.start_kji, np.shape(patch.array)), box.stop)
+        if np.all(hi > lo):
+            src = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, patch.start_kji))
+            dst = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, box.start))
+            out[dst] = np.asarray(patch.array, dtype=bool)[src]
+    return out
 
 
-class _Patch:
-    """Minimal MaskPatch (start_kji, array) for restores."""
+class _Mask:
+    """A bool array over a box of the volume grid (a MaskPatch without torch)."""
 
     def __init__(self, start_kji, array):
         self.start_kji = tuple(int(v) for v in start_kji)
         self.array = array
 
+
+class Operation:
+    """One click, undo, redo or reset of a SegmentSession (see the module doc)."""
+
+    def __init__(self, session: "SegmentSession", kind: str, ras=None, positive=True):
+        if kind not in OPERATIONS:
+            raise ValueError(f"operation must be one of {', '.join(OPERATIONS)}, not {kind!r}")
+        if kind == "click":
+            ras = [float(v) for v in ras]
+            if len(ras) != 3 or not np.all(np.isfinite(ras)):
+                raise ValueError(f"a click needs 3 finite RAS coordinates, got {tuple(ras)}")
+        self.session = session
+        self.kind = kind
+        self.ras = ras
+        self.positive = bool(positive)
+        self.generation = session.generation
+        self.result = None
+        self.computed = False
+        self.engine_seconds = 0.0
+
     @property
-    def stop_kji(self):
-        return tuple(s + n for s, n in zip(self.start_kji, self.array.shape))
+    def stale(self) -> bool:
+        """The session was closed (or invalidated) after this operation was made."""
+        return self.session.closed or self.session.generation != self.generation
+
+    def compute(self) -> "Operation":
+        """The engine half (any thread, no MRML). Skipped for a stale operation."""
+        if self.stale:
+            return self
+        started = time.perf_counter()
+        engine_session = self.session.engine_session
+        if self.kind == "click":
+            self.result = engine_session.add_click(self.ras, positive=self.positive, space="ras")
+        else:
+            self.result = getattr(engine_session, self.kind)()
+        self.engine_seconds = time.perf_counter() - started
+        self.computed = True
+        return self
+
+    def apply(self) -> ClickInfo | None:
+        """The MRML half (main thread): writes the result. None when there was
+        nothing to do (undo at the start, redo at the end) or the operation is
+        stale (its session closed, its nodes removed)."""
+        if self.stale or not self.computed or not self.session.nodes_alive():
+            return None
+        if self.result is None:
+            return None
+        return self.session._apply(self)
 
 
 class SegmentSession:
@@ -116,185 +203,253 @@ class SegmentSession:
     engine: a ``FastSAM3DLib.session.Engine`` (default: a shared one for model/device).
     writer: a ``SegmentWriter`` (default: ``SegmentEditorLogicWriter``).
     overwrite_other_segments: only for the default writer (see writer.py).
+    mode: "add" (the segment's earlier content stays) or "replace" (each
+    result's box holds the prediction only).
+
+    Building a session touches only MRML and copies the voxels; the engine's
+    image checks and session are made on first use by an operation's compute
+    (the worker thread), never on the main thread.
     """
 
     def __init__(self, volume_node, segmentation_node, segment_id, model="default", device="auto",
-                 engine=None, writer=None, *, overwrite_other_segments=False, image=None):
+                 engine=None, writer=None, *, overwrite_other_segments=False, image=None, mode="add"):
         if volume_node is None or segmentation_node is None:
             raise ValueError("a volume node and a segmentation node are required")
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise KeyError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         volume_array(volume_node)               # scalar volume with voxels, or a clear error
         local_to_world(segmentation_node)       # linear, or a clear error
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.segment_id = segment_id
+        self.mode = mode
         self.engine = engine if engine is not None else get_engine(model, device)
         self.image = image if image is not None else image_for_volume(self.engine, volume_node)
-        self._session = self.engine.new_session(self.image)
+        self._engine_session = None
+        self._prepare_lock = threading.Lock()
         ensure_reference_geometry(segmentation_node, volume_node)
         self._owns_writer = writer is None
         self.writer = writer if writer is not None else SegmentEditorLogicWriter(
             segmentation_node, segment_id, volume_node, overwrite_other_segments=overwrite_other_segments)
-        self._before = []          # per applied click/redo/reset: (start, {segment_id: packed}) or None
-        self._touched = None       # (start_kji, stop_kji) union of everything written
+        self.generation = 0
+        self.closed = False
+        # The base layer and what the session last wrote, over the box of all writes.
+        self._box: _Box | None = None
+        self._base = None
+        self._written = None
+        self._prediction: _Mask | None = None
+        # Base voxels taken away by negative clicks, per engine state (flat volume indices).
+        self._erased = [np.zeros(0, np.int64)]
+        self._position = 0
+        # overwrite_other_segments: other segments' content of each written box, for undo.
+        self._others_before = []
 
     # -- state ----------------------------------------------------------------
     @property
+    def engine_session(self):
+        """The engine's session, made on first use (image checks included):
+        call it from the worker thread."""
+        if self._engine_session is None:
+            with self._prepare_lock:
+                if self._engine_session is None:
+                    self._engine_session = self.engine.new_session(self.image)
+        return self._engine_session
+
+    @property
     def clicks(self) -> list:
-        return list(self._session.clicks)
+        return [] if self._engine_session is None else list(self._engine_session.clicks)
 
     def clicks_ras(self) -> list:
         """[(ras, positive), ...] of the current clicks, world RAS."""
         from .prompts import clicks_ras
-        return clicks_ras(self._session)
-
-    @property
-    def engine_session(self):
-        return self._session
+        return [] if self._engine_session is None else clicks_ras(self._engine_session)
 
     @property
     def can_undo(self) -> bool:
-        return len(self._before) > 0
+        return self._engine_session is not None and bool(self._engine_session.can_undo)
+
+    @property
+    def can_redo(self) -> bool:
+        return self._engine_session is not None and bool(self._engine_session.can_redo)
 
     @property
     def touched_box(self):
         """(start_kji, stop_kji) covering every box this session wrote, or None."""
-        return self._touched
+        return None if self._box is None else (self._box.start, self._box.stop)
 
     @property
     def overwrite_other_segments(self) -> bool:
         return bool(getattr(self.writer, "overwrite_other_segments", False))
 
-    # -- engine halves (any thread; no MRML) -------------------------------------
-    def compute_click(self, ras, positive=True):
-        ras = [float(v) for v in ras]
-        if len(ras) != 3 or not np.all(np.isfinite(ras)):
-            raise ValueError(f"a click needs 3 finite RAS coordinates, got {ras}")
-        return self._timed(self._session.add_click, ras, positive=bool(positive), space="ras")
+    def nodes_alive(self) -> bool:
+        """The volume, the segmentation and the segment are still in a scene."""
+        return (self.volume_node.GetScene() is not None and self.segmentation_node.GetScene() is not None
+                and self.segmentation_node.GetSegmentation().GetSegment(self.segment_id) is not None)
 
-    def compute_undo(self):
-        return self._timed(self._session.undo)
+    # -- operations -------------------------------------------------------------
+    def operation(self, kind, ras=None, positive=True) -> Operation:
+        """A click/undo/redo/reset to compute (worker) and then apply (main thread)."""
+        return Operation(self, kind, ras, positive)
 
-    def compute_redo(self):
-        return self._timed(self._session.redo)
+    def run(self, kind, ras=None, positive=True) -> ClickInfo | None:
+        """An operation computed and applied on the calling thread."""
+        return self.operation(kind, ras, positive).compute().apply()
 
-    def compute_reset(self):
-        return self._timed(self._session.reset)
+    def submit(self, worker, kind, ras=None, positive=True):
+        """An operation computed on ``worker`` (EngineWorker): a Future of the
+        Operation, to ``apply()`` on the main thread once done."""
+        return worker.submit(self.operation(kind, ras, positive).compute)
+
+    def add_click(self, ras, positive=True) -> ClickInfo:
+        """Add a +/- click at world RAS ``ras`` and write the result."""
+        return self.run("click", ras, positive)
+
+    def undo(self) -> ClickInfo | None:
+        return self.run("undo")
+
+    def redo(self) -> ClickInfo | None:
+        return self.run("redo")
+
+    def reset(self) -> ClickInfo | None:
+        """Forget all clicks and give the segment back its base (undoable)."""
+        return self.run("reset")
 
     def prefetch(self, ras) -> bool:
         """Compute (and cache) the embedding of the region around world ``ras``
         before the first click, e.g. at "Initialize". Engine only: any thread.
         Returns whether the encoder ran (False: cached, or outside the image)."""
-        return self._session.prefetch([float(v) for v in ras], space="ras")
+        if self.closed:
+            return False
+        return self.engine_session.prefetch([float(v) for v in ras], space="ras")
 
-    @staticmethod
-    def _timed(fn, *args, **kwargs):
+    # -- the MRML half ------------------------------------------------------------
+    def _apply(self, operation: Operation) -> ClickInfo:
         started = time.perf_counter()
-        result = fn(*args, **kwargs)
-        if result is not None:
-            result._bridge_engine_seconds = time.perf_counter() - started
-        return result
-
-    # -- MRML halves (main thread) ---------------------------------------------
-    def apply_click(self, result, operation="click") -> ClickInfo:
-        started = time.perf_counter()
-        patch = getattr(result, "patch", None) if result is not None else None
-        if patch is None or np.asarray(patch.array).size == 0:
-            self._before.append(None)
-            changed = False
-            box = None
-        else:
-            self._before.append(self._snapshot(patch))
-            self.writer.save_undo_state()
-            self.writer.apply(patch)
-            changed = True
-            box = (tuple(patch.start_kji), tuple(patch.stop_kji))
-            self._grow_touched(box)
-        return self._info(operation, result, changed, box, started)
-
-    def apply_undo(self, result) -> ClickInfo:
-        """Restore the segment as it was before the undone operation."""
-        started = time.perf_counter()
+        result = operation.result
+        kind = operation.kind
+        patch = getattr(result, "patch", None)
+        if patch is not None and np.asarray(patch.array).size == 0:
+            patch = None
+        if kind == "undo":
+            self._position = max(self._position - 1, 0)
+        elif kind == "redo":
+            self._position = min(self._position + 1, len(self._erased) - 1)
         changed, box = False, None
-        if result is not None and self._before:
-            saved = self._before.pop()
-            if saved is not None:
-                start, crops = saved
-                self.writer.save_undo_state()
-                for segment_id, packed in crops.items():
-                    patch = _Patch(start, _unpack(packed))
-                    self._restore(patch, segment_id)
-                    box = (patch.start_kji, patch.stop_kji)
-                changed = True
-        elif result is not None and getattr(result, "patch", None) is not None:
-            # No snapshot (history out of step): fall back to the engine's state.
-            self.writer.save_undo_state()
-            self.writer.apply(result.patch)
-            changed, box = True, (tuple(result.patch.start_kji), tuple(result.patch.stop_kji))
-        return self._info("undo", result, changed, box, started)
-
-    def _restore(self, patch, segment_id):
-        """Put a saved box back exactly (no masking, no overwriting)."""
-        if isinstance(self.writer, SegmentEditorLogicWriter):
-            self.writer.apply(patch, segment_id=segment_id, others="ignore")
-        elif segment_id == self.segment_id:
-            self.writer.apply(patch)
-
-    def _snapshot(self, patch):
-        """Copy of the box of this segment (and, when other segments may be
-        overwritten, of the others that have voxels there)."""
-        start = tuple(int(v) for v in patch.start_kji)
-        shape = np.asarray(patch.array).shape
-        crops = {self.segment_id: _pack(read_segment(self.segmentation_node, self.segment_id,
-                                                     self.volume_node, start, shape))}
-        if self.overwrite_other_segments:
-            for other in segment_ids(self.segmentation_node):
-                if other != self.segment_id:
-                    crop = read_segment(self.segmentation_node, other, self.volume_node, start, shape)
-                    if crop.any():
-                        crops[other] = _pack(crop)
-        return start, crops
-
-    def _grow_touched(self, box):
-        if self._touched is None:
-            self._touched = box
-        else:
-            self._touched = (tuple(min(a, b) for a, b in zip(self._touched[0], box[0])),
-                             tuple(max(a, b) for a, b in zip(self._touched[1], box[1])))
-
-    def _info(self, operation, result, changed, box, started) -> ClickInfo:
+        erased_delta = np.zeros(0, np.int64)
+        if patch is not None or self._prediction is not None:
+            negative = kind == "click" and not operation.positive
+            box, erased_delta = self._write(patch, kind, negative)
+            changed = True
+        if kind in ("click", "reset"):
+            erased = (np.zeros(0, np.int64) if kind == "reset"
+                      else np.union1d(self._erased[self._position], erased_delta))
+            del self._erased[self._position + 1:]
+            self._erased.append(erased)
+            self._position += 1
         write = time.perf_counter() - started
-        engine_s = getattr(result, "_bridge_engine_seconds", 0.0) if result is not None else 0.0
-        timings = {"engine": engine_s, "write": write, "total": engine_s + write}
+        timings = {"engine": operation.engine_seconds, "write": write,
+                   "total": operation.engine_seconds + write}
         for k, v in (getattr(result, "timings", None) or {}).items():
             timings[f"engine_{k}"] = v
-        return ClickInfo(operation=operation, changed=changed, clicks=len(self._session.clicks),
+        return ClickInfo(operation=kind, changed=changed, clicks=len(self.clicks),
                          reembedded=bool(getattr(result, "reembedded", False)),
-                         iou=getattr(result, "iou", None), box_kji=box, timings=timings)
+                         iou=getattr(result, "iou", None),
+                         box_kji=None if box is None else (box.start, box.stop), timings=timings)
 
-    # -- both halves -------------------------------------------------------------
-    def add_click(self, ras, positive=True) -> ClickInfo:
-        """Add a +/- click at world RAS ``ras`` and write the result."""
-        return self.apply_click(self.compute_click(ras, positive))
+    def _grow(self, box: _Box) -> None:
+        """Extend the base layer to cover ``box``: outside what the session
+        wrote so far, the segment's content is the base."""
+        grown = box.union(self._box)
+        if self._box is not None and grown.shape == self._box.shape and grown.start == self._box.start:
+            return
+        fresh = read_segment(self.segmentation_node, self.segment_id, self.volume_node,
+                             grown.start, grown.shape)
+        base, written = fresh, fresh.copy()
+        if self._box is not None:
+            inner = self._box.within(grown)
+            base[inner] = self._base
+            written[inner] = self._written
+        self._box, self._base, self._written = grown, base, written
 
-    def undo(self) -> ClickInfo | None:
-        result = self.compute_undo()
-        return None if result is None else self.apply_undo(result)
+    def _volume_shape(self):
+        return tuple(int(v) for v in self.image.GetSize()[::-1])
 
-    def redo(self) -> ClickInfo | None:
-        result = self.compute_redo()
-        return None if result is None else self.apply_click(result, "redo")
+    def _flat(self, box: _Box, mask: np.ndarray) -> np.ndarray:
+        """Flat volume indices of the True voxels of ``mask`` over ``box``."""
+        k, j, i = np.nonzero(mask)
+        return np.ravel_multi_index((k + box.start[0], j + box.start[1], i + box.start[2]),
+                                    self._volume_shape())
 
-    def reset(self) -> ClickInfo:
-        """Forget all clicks and clear what they wrote (undoable)."""
-        return self.apply_click(self.compute_reset(), "reset")
+    def _unflat(self, box: _Box, flat: np.ndarray) -> np.ndarray:
+        """The voxels of ``flat`` (flat volume indices) that lie in ``box``, as a mask."""
+        out = np.zeros(box.shape, dtype=bool)
+        if flat.size:
+            shape = self._volume_shape()
+            kji = np.unravel_index(flat, shape)
+            local = [c - s for c, s in zip(kji, box.start)]
+            inside = np.all([(c >= 0) & (c < n) for c, n in zip(local, box.shape)], axis=0)
+            out[tuple(c[inside] for c in local)] = True
+        return out
+
+    def _write(self, patch, kind, negative):
+        """Write ``base | prediction`` (see the module doc) over the box of the
+        new and the previous prediction. Returns (box, base voxels erased now)."""
+        box = _Box.of(patch) if patch is not None else None
+        if self._prediction is not None:
+            previous_box = _Box.of(self._prediction)
+            box = previous_box if box is None else box.union(previous_box)
+        self._grow(box)
+        inner = box.within(self._box)
+        base, written = self._base[inner], self._written[inner]
+        # Edits made with other tools since the last write change the base.
+        current = read_segment(self.segmentation_node, self.segment_id, self.volume_node,
+                               box.start, box.shape)
+        base |= current & ~written
+        base &= ~(written & ~current)
+        new = _placed(patch, box)
+        old = _placed(self._prediction, box)
+        erased_delta = np.zeros(0, np.int64)
+        if negative:
+            erased_delta = self._flat(box, base & old & ~new)
+        if kind == "reset":
+            erased = np.zeros(box.shape, dtype=bool)
+        else:       # after an undo/redo, self._position is already the new state
+            erased = self._unflat(box, np.union1d(self._erased[self._position], erased_delta))
+        keep = np.zeros_like(base) if self.mode == "replace" else base & ~erased
+        if self.overwrite_other_segments:
+            self._record_others(kind, box)
+        content = self.writer.apply(_Mask(box.start, new), keep=keep)
+        written[...] = (keep | new) if content is None else content
+        self._prediction = None if patch is None else _Mask(box.start, new)
+        return box, erased_delta
+
+    def _record_others(self, kind, box: _Box) -> None:
+        """overwrite_other_segments: keep the other segments' content of the box
+        before a click/redo/reset takes voxels from them; put it back at undo."""
+        if kind == "undo":
+            if self._others_before:
+                start, crops = self._others_before.pop()
+                for other, crop in crops.items():
+                    self.writer.apply(_Mask(start, crop), segment_id=other, others="ignore")
+            return
+        crops = {}
+        for other in segment_ids(self.segmentation_node):
+            if other != self.segment_id:
+                crop = read_segment(self.segmentation_node, other, self.volume_node, box.start, box.shape)
+                if crop.any():
+                    crops[other] = crop
+        self._others_before.append((box.start, crops))
 
     def mask(self) -> np.ndarray:
         """The segment on the volume grid, bool (k, j, i)."""
         return read_segment(self.segmentation_node, self.segment_id, self.volume_node)
 
     def close(self) -> None:
-        """Release the writer's helper nodes; the segment keeps its content."""
+        """Drop pending operations and release the writer's helper nodes; the
+        segment keeps its content."""
+        self.closed = True
+        self.generation += 1
         if self._owns_writer and hasattr(self.writer, "close"):
             self.writer.close()

@@ -1,14 +1,16 @@
 """Reading segments on a volume grid, and writing engine results into a segment.
 
-A result is a ``MaskPatch`` on the source volume's grid: the object's mask
-over a box. Writing it means "replace exactly this box of this segment":
-remove the box, then add the mask (vtkSlicerSegmentEditorLogic, so the change
-is undoable). ``SetBinaryLabelmapToSegment`` with an extent would not do: its
-REPLACE mode clears the whole segment.
+A write is ROI-local: it sets one box of one segment to ``keep | mask``, where
+``keep`` is content that stays as it is (the segment's own voxels from before
+the session, see session.py) and ``mask`` the engine's prediction. Technically:
+remove the box, then add the new content (vtkSlicerSegmentEditorLogic).
+``SetBinaryLabelmapToSegment`` with an extent would not do: its REPLACE mode
+clears the whole segment.
 
 Other segments are never changed unless ``overwrite_other_segments=True``:
-voxels that already belong to another segment are left out of the new mask
-(a finished neighbour is never eroded, cf. SlicerNNInteractive#105).
+voxels that already belong to another segment are left out of the prediction
+(a finished neighbour is never eroded, cf. SlicerNNInteractive#105); ``keep``
+is never masked (overlap the segment already had stays).
 """
 
 from __future__ import annotations
@@ -27,11 +29,9 @@ from .geometry import (BINARY_LABELMAP, _extent_empty, image_array, image_to_fra
 class SegmentWriter(Protocol):
     """Where a SegmentSession writes its results (one segment)."""
 
-    def save_undo_state(self) -> None:
-        """Snapshot the segmentation so that the next ``apply`` can be undone."""
-
-    def apply(self, patch) -> None:
-        """Replace the patch's box of the segment by ``patch.array``."""
+    def apply(self, patch, keep=None) -> np.ndarray:
+        """Set the patch's box of the segment to ``keep | patch.array`` (``keep``:
+        a bool array of the box, or None) and return what the box now holds."""
 
 
 # -- reading -------------------------------------------------------------------
@@ -123,11 +123,12 @@ def ensure_binary_labelmap_source(segmentation_node) -> None:
 
 # -- writing -------------------------------------------------------------------
 def modifier_labelmaps(patch, segmentation_node, segment_id, volume_node, protect_others=True,
-                       reference_to_frame=None):
+                       reference_to_frame=None, keep=None):
     """The two labelmaps of an ROI-local replace, in the segmentation's frame:
-    (box of ones to Remove, new mask to Add), with their extents.
+    (box of ones to Remove, new content to Add), with their extents. The new
+    content is ``keep | patch.array`` (keep: bool array of the box, or None).
 
-    protect_others: leave out voxels that belong to other segments.
+    protect_others: leave out of ``patch.array`` voxels that belong to other segments.
     reference_to_frame: index-to-frame matrix of the grid the segmentation edits
     on (e.g. ``scriptedEffect.defaultModifierLabelmap()``); when the volume grid
     is that grid shifted by whole voxels, the labelmaps are expressed on it
@@ -137,6 +138,8 @@ def modifier_labelmaps(patch, segmentation_node, segment_id, volume_node, protec
     start = tuple(int(v) for v in patch.start_kji)
     if protect_others:
         mask = mask & ~other_segments_mask(segmentation_node, segment_id, volume_node, start, mask.shape)
+    if keep is not None:
+        mask = mask | np.asarray(keep, dtype=bool)
     box_to_frame = volume_grid_in(volume_node, segmentation_node)
     if reference_to_frame is not None:
         shift = integer_shift(reference_to_frame, box_to_frame)
@@ -149,15 +152,14 @@ def modifier_labelmaps(patch, segmentation_node, segment_id, volume_node, protec
 
 
 class SegmentEditorLogicWriter:
-    """SegmentWriter through ``vtkSlicerSegmentEditorLogic``: ROI-local replace
-    with Slicer's own undo/redo history for this segmentation (``undo()``).
+    """SegmentWriter through ``vtkSlicerSegmentEditorLogic``: ROI-local writes.
 
     The logic gets its own hidden segment editor node, so the user's Segment
-    Editor settings are neither used nor changed.
+    Editor settings are neither used nor changed. (Undo is the session's: it
+    rewrites the box from its own state; no MRML undo states are kept.)
     """
 
-    def __init__(self, segmentation_node, segment_id, volume_node,
-                 overwrite_other_segments=False, max_undo_states=20):
+    def __init__(self, segmentation_node, segment_id, volume_node, overwrite_other_segments=False):
         if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
             raise KeyError(f"segment '{segment_id}' is not in '{segmentation_node.GetName()}'")
         scene = segmentation_node.GetScene()
@@ -180,53 +182,71 @@ class SegmentEditorLogicWriter:
         self._logic.SetSegmentationNode(segmentation_node)
         self._logic.SetSourceVolumeNode(volume_node)
         self._logic.SetCurrentSegmentID(segment_id)
-        self._logic.SetMaximumNumberOfUndoStates(max_undo_states)
+        self._logic.SetMaximumNumberOfUndoStates(0)
 
     # SegmentWriter
-    def save_undo_state(self) -> None:
-        self._logic.SaveStateForUndo()
+    def apply(self, patch, keep=None, segment_id=None, others=None) -> np.ndarray:
+        """Set the box of ``segment_id`` (default: this writer's segment) to
+        ``keep | patch.array``; returns that content (bool, the box's shape).
 
-    def apply(self, patch, segment_id=None, others=None) -> None:
-        """Replace the box of ``segment_id`` (default: this writer's segment).
-
-        others: what happens where the new mask meets other segments:
+        others: what happens where ``patch.array`` meets other segments:
         "protect" (default unless overwrite_other_segments): those voxels are
-        left out of the mask; "overwrite": the other segments lose them;
-        "ignore": the mask is written as is and others are unchanged (overlap).
+        left out; "overwrite": the other segments lose them; "ignore": the mask
+        is written as is and others are unchanged (overlap). ``keep`` is always
+        written as is.
         """
         segment_id = segment_id or self.segment_id
         if others is None:
             others = "overwrite" if self.overwrite_other_segments else "protect"
         if others not in ("protect", "overwrite", "ignore"):
             raise ValueError(f"others must be protect, overwrite or ignore, not {others!r}")
-        if np.asarray(patch.array).size == 0:
-            return
-        overwrite = others == "overwrite"
-        self._editor_node.SetOverwriteMode(
-            self._editor_node.OverwriteAllSegments if overwrite else self._editor_node.OverwriteNone)
-        box, new = modifier_labelmaps(patch, self.segmentation_node, segment_id, self.volume_node,
-                                      protect_others=others == "protect")
+        mask = np.asarray(patch.array, dtype=bool)
+        keep = np.zeros_like(mask) if keep is None else np.asarray(keep, dtype=bool)
+        if keep.shape != mask.shape:
+            raise ValueError(f"keep has shape {keep.shape}, the patch {mask.shape}")
+        if mask.size == 0:
+            return mask
+        start = tuple(int(v) for v in patch.start_kji)
+        if others == "protect":
+            mask = mask & ~other_segments_mask(self.segmentation_node, segment_id, self.volume_node,
+                                               start, mask.shape)
+        content = keep | mask
         E = self._E
+        box_to_frame = volume_grid_in(self.volume_node, self.segmentation_node)
+        box = oriented_image(np.ones(mask.shape, np.uint8), start, box_to_frame)
         # args: isPerSegment=False, bypassMasking=True (no masking, no overwrite of others)
+        self._editor_node.SetOverwriteMode(self._editor_node.OverwriteNone)
         self._logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, box,
                                             E.ModificationModeRemove, box.GetExtent(), False, True)
-        self._logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, new,
-                                            E.ModificationModeAdd, new.GetExtent(), False, not overwrite)
-
-    # Slicer's own history of this segmentation (all segments)
-    def can_undo(self) -> bool:
-        return bool(self._logic.CanUndo())
-
-    def can_redo(self) -> bool:
-        return bool(self._logic.CanRedo())
-
-    def undo(self) -> None:
-        self._logic.Undo()
-
-    def redo(self) -> None:
-        self._logic.Redo()
+        if others == "overwrite":
+            kept = oriented_image(keep, start, box_to_frame)
+            self._logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, kept,
+                                                E.ModificationModeAdd, kept.GetExtent(), False, True)
+            self._editor_node.SetOverwriteMode(self._editor_node.OverwriteAllSegments)
+            taken = oriented_image(mask & ~keep, start, box_to_frame)
+            self._logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, taken,
+                                                E.ModificationModeAdd, taken.GetExtent(), False, False)
+        else:
+            new = oriented_image(content, start, box_to_frame)
+            self._logic.ModifySegmentByLabelmap(self.segmentation_node, segment_id, new,
+                                                E.ModificationModeAdd, new.GetExtent(), False, True)
+        return content
 
     def close(self) -> None:
         scene = self._editor_node.GetScene()
         if scene is not None:
             scene.RemoveNode(self._editor_node)
+
+
+def preview_labelmaps(patch, segmentation_node, segment_id, volume_node, replace=False,
+                      protect_others=True, reference_to_frame=None):
+    """What the Segment Editor effect's Apply hands to the editor for a preview
+    mask over a box: [(labelmap, "remove" | "add"), ...] in that order.
+
+    By default the preview is added to the segment, so everything the segment
+    already holds stays; ``replace=True`` first clears the box (the segment's
+    content there is replaced by the preview).
+    """
+    box, new = modifier_labelmaps(patch, segmentation_node, segment_id, volume_node,
+                                  protect_others=protect_others, reference_to_frame=reference_to_frame)
+    return ([(box, "remove")] if replace else []) + [(new, "add")]

@@ -22,16 +22,13 @@ import torch.nn.functional as F
 
 from ..image import image_from_array, load_image
 from ..roi import RoiGeometry, extract_roi, label_on_roi, roi_for_point
+from .pack import DataError
 from .synthetic import synthetic_volume
 
 # Labels smaller than this are skipped (upstream spec 7.1 skips volume < 10;
 # counted here in voxels of the original grid).
 MIN_LABEL_VOXELS = 10
 MAX_DRAWS = 50              # crops tried before giving up on a sample
-
-
-class DataError(ValueError):
-    """Training data the library cannot use; the message is one line."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ from ..model import NAMED_CONFIGS, Sam3D
 from .interaction import decode_fp32, make_click_plan, sample_clicks
 from .loop import DistributedContext, RunConfig, Task, TrainingError, run, step_seed
 from .losses import batch_dice, relative_mse, sigmoid_kl
-from .train import DataConfig, InteractionConfig, build_dataset, initialise, resolve_model_config
+from .train import DataConfig, InteractionConfig, build_batch_source, initialise, resolve_model_config
 
 
 def active_student_layers(iteration: int, student_depth: int, layerwise_iterations: int) -> int:
@@ -202,7 +202,7 @@ def build_teacher(config: DistillConfig) -> Sam3D:
 
 
 def build_distillation(config: DistillConfig, context: DistributedContext):
-    """(task, dataset, augment) of a distillation run on ``context``."""
+    """(task, batch source) of a distillation run on ``context``."""
     if not 0 <= config.layerwise_fraction <= 1:
         raise TrainingError(f"--layerwise-fraction must lie in [0, 1], got {config.layerwise_fraction}")
     teacher = build_teacher(config).to(context.device)
@@ -213,7 +213,8 @@ def build_distillation(config: DistillConfig, context: DistributedContext):
         initialise(student, config.init)
     layerwise_steps = math.floor(config.layerwise_fraction * config.run.steps)
     module = Distillation(student, teacher, layerwise_steps, config)
-    dataset, augment = build_dataset(config.data, config.run.seed, student_config.encoder.img_size)
+    batches = build_batch_source(config.data, config.run, context, student_config.encoder.img_size,
+                                 student_config.spacing_mm)
     teacher_name = Path(config.teacher).name
 
     def export(path: Path) -> None:
@@ -224,7 +225,7 @@ def build_distillation(config: DistillConfig, context: DistributedContext):
                 model_config_json=json.dumps(student_config.to_dict()), export=export,
                 lr_scales=lambda name: _lr_scales(name, config.decoder_lr_scale),
                 on_step=module.begin_step)
-    return task, dataset, augment
+    return task, batches
 
 
 def distill(config: DistillConfig) -> dict:

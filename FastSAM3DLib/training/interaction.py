@@ -26,21 +26,25 @@ class ClickPlan:
     (so all ranks do the same amount of work per step)."""
     steps: int
     silent_steps: frozenset[int]        # steps that add no click (mask prompt only)
+    box_first: bool = False             # the first prompt is a box (two corners), not a click
 
     def adds_click(self, step: int) -> bool:
         return step not in self.silent_steps
 
 
-def make_click_plan(min_steps: int, max_steps: int, generator: torch.Generator) -> ClickPlan:
-    """``steps`` uniform in [min_steps, max_steps]; the first step always clicks;
-    with 3 or more steps one random middle step and the last step are silent."""
+def make_click_plan(min_steps: int, max_steps: int, generator: torch.Generator,
+                    box_probability: float = 0.0) -> ClickPlan:
+    """``steps`` uniform in [min_steps, max_steps]; the first step always
+    prompts (a box with ``box_probability``, else a click); with 3 or more
+    steps one random middle step and the last step are silent."""
     if not 1 <= min_steps <= max_steps:
         raise ValueError(f"click steps must satisfy 1 <= min <= max, got {min_steps}..{max_steps}")
     steps = int(torch.randint(min_steps, max_steps + 1, (), generator=generator))
+    box_first = bool(torch.rand((), generator=generator) < box_probability)
     if steps < 3:
-        return ClickPlan(steps, frozenset())
+        return ClickPlan(steps, frozenset(), box_first)
     middle = int(torch.randint(1, steps - 1, (), generator=generator))
-    return ClickPlan(steps, frozenset({middle, steps - 1}))
+    return ClickPlan(steps, frozenset({middle, steps - 1}), box_first)
 
 
 def erode(mask: torch.Tensor, radius: int) -> torch.Tensor:
@@ -70,6 +74,7 @@ def sample_clicks(pred: torch.Tensor, target: torch.Tensor, generator: torch.Gen
     of the eroded fn ∪ fp (fn and fp eroded separately) when that is not
     empty. A sample without error gets a positive click in its target, and an
     empty target a negative click anywhere, so every sample always has a click.
+    Branch-free over the batch (no host synchronisation).
     """
     target = target.bool()
     pred = pred.bool()
@@ -78,20 +83,65 @@ def sample_clicks(pred: torch.Tensor, target: torch.Tensor, generator: torch.Gen
     region = torch.where(_any_per_sample(region), region, target)
     region = torch.where(_any_per_sample(region), region, torch.ones_like(region))
     if interior_prob > 0:
-        chosen = torch.flatten(torch.nonzero(
-            torch.rand(pred.shape[0], generator=generator, device=pred.device) < interior_prob))
-        if chosen.numel():
-            eroded = erode(torch.cat([fn[chosen], fp[chosen]]), interior_radius)
-            core = (eroded[:chosen.numel()] | eroded[chosen.numel():]) & region[chosen]
-            region = region.clone()
-            region[chosen] = torch.where(_any_per_sample(core), core, region[chosen])
-    scores = torch.rand(region.shape, generator=generator, device=region.device)
+        batch = pred.shape[0]
+        interior = torch.rand(batch, generator=generator, device=generator.device).to(pred.device) < interior_prob
+        eroded = erode(torch.cat([fn, fp]), interior_radius)
+        core = (eroded[:batch] | eroded[batch:]) & region
+        use_core = interior.view(-1, *([1] * (pred.dim() - 1))) & _any_per_sample(core)
+        region = torch.where(use_core, core, region)
+    scores = torch.rand(region.shape, generator=generator, device=generator.device).to(region.device)
     flat_index = torch.where(region, scores, -1.0).flatten(1).argmax(1)
     size = region.shape[2:]
     coords = torch.stack([flat_index // (size[1] * size[2]), (flat_index // size[2]) % size[1],
                           flat_index % size[2]], dim=1)
     labels = target.flatten(1).gather(1, flat_index[:, None]).squeeze(1).long()
     return coords, labels
+
+
+def box_corners(target: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """(B, 2, 3) int64 box prompts from (B, 1, D, H, W) bool targets: the lowest
+    and highest voxel index of the target per axis, each moved by up to
+    ``jitter`` of the box's extent (a user's box is not exact), clamped to the
+    crop. An empty target gets the whole crop."""
+    batch, size = target.shape[0], target.shape[2:]
+    lows, highs = [], []
+    for axis in range(3):
+        other = [d for d in range(2, 5) if d != axis + 2]
+        present = target.any(dim=other).squeeze(1)                       # (B, n)
+        n = size[axis]
+        index = torch.arange(n, device=target.device)
+        low = torch.where(present, index, n).amin(1)
+        high = torch.where(present, index, -1).amax(1)
+        empty = high < 0
+        lows.append(torch.where(empty, 0, low))
+        highs.append(torch.where(empty, n - 1, high))
+    low, high = torch.stack(lows, 1).float(), torch.stack(highs, 1).float()
+    extent = (high - low + 1)
+    shift = (torch.rand((batch, 2, 3), generator=generator, device=generator.device).to(target.device) * 2 - 1)
+    limit = torch.tensor(size, device=target.device, dtype=torch.float32) - 1
+    low = (low + jitter * extent * shift[:, 0]).round().clamp(min=0).minimum(limit)
+    high = (high + jitter * extent * shift[:, 1]).round().clamp(min=0).minimum(limit)
+    return torch.stack([torch.minimum(low, high), torch.maximum(low, high)], 1).long()
+
+
+def upsampling_matrix(low: int, high: int, device=None) -> torch.Tensor:
+    """(high, low) matrix of 1-D linear interpolation as ``F.interpolate``
+    (mode "linear", align_corners=False) computes it."""
+    eye = torch.eye(low, device=device)[:, None]                       # (low, 1, low)
+    return F.interpolate(eye, size=high, mode="linear", align_corners=False)[:, 0].T.contiguous()
+
+
+def upsample_logits(low_res: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``F.interpolate(low_res, scale, mode="trilinear", align_corners=False)`` of
+    (B, C, n, n, n) as three matrix products with ``upsampling_matrix``: the
+    same numbers, but a backward pass of matrix products instead of the
+    atomic scatter of the trilinear kernel's backward, which dominated the
+    training step at large batches."""
+    x = low_res @ matrix.T                                               # (..., n, n, N)
+    x = (x.transpose(-1, -2) @ matrix.T).transpose(-1, -2)               # (..., n, N, N)
+    b, c, n, h, w = x.shape
+    x = (matrix @ x.reshape(b, c, n, h * w)).reshape(b, c, -1, h, w)     # (..., N, N, N)
+    return x
 
 
 def decode_fp32(model, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,

@@ -177,6 +177,29 @@ def make_loader(dataset: torch.utils.data.Dataset, first_sample: int, config: Ru
     return iter(loader)
 
 
+# A batch source: started with the global sample counter of the first step, it
+# returns next_batch(step, generator) -> (images, targets) on the training device.
+NextBatch = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+BatchSource = Callable[[int], NextBatch]
+
+
+def loader_batches(dataset: torch.utils.data.Dataset,
+                   augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator],
+                                     tuple[torch.Tensor, torch.Tensor]],
+                   config: RunConfig, context: DistributedContext) -> BatchSource:
+    """Batches of a Dataset read by loader processes on the host, augmented on the device."""
+    def start(first_sample: int) -> NextBatch:
+        batches = make_loader(dataset, first_sample, config, context)
+
+        def next_batch(step: int, generator: torch.Generator):
+            images, targets = next(batches)
+            images = images.to(context.device, non_blocking=True).float()
+            targets = targets.to(context.device, non_blocking=True)
+            return augment(images, targets, generator)
+        return next_batch
+    return start
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 
@@ -274,9 +297,7 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def run(task: Task, dataset: torch.utils.data.Dataset,
-        augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]],
-        config: RunConfig, context: DistributedContext) -> dict:
+def run(task: Task, batch_source: BatchSource, config: RunConfig, context: DistributedContext) -> dict:
     """Optimise ``task.module`` for ``config.steps`` steps (or until the time
     budget); returns {"step", "finished", "checkpoint", "model"}."""
     out = Path(config.out)
@@ -308,7 +329,7 @@ def run(task: Task, dataset: torch.utils.data.Dataset,
         module, device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=task.find_unused_parameters) if context.distributed else module
     module.train()
-    batches = make_loader(dataset, samples_seen, config, context)
+    next_batch = batch_source(samples_seen)
     generator = torch.Generator(device=device)
     global_batch = config.batch_size * context.world_size
     bar = None
@@ -336,11 +357,8 @@ def run(task: Task, dataset: torch.utils.data.Dataset,
         for group in optimizer.param_groups:
             group["lr"] = config.lr * group["lr_scale"] * factor
         task.on_step(step)
-        images, targets = next(batches)
-        images = images.to(device, non_blocking=True).float()
-        targets = targets.to(device, non_blocking=True)
         generator.manual_seed(step_seed(config.seed, step, context.rank))
-        images, targets = augment(images, targets, generator)
+        images, targets = next_batch(step, generator)
         with _autocast(device):
             loss, metrics = trained(images, targets, generator)
         optimizer.zero_grad(set_to_none=True)

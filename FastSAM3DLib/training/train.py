@@ -13,10 +13,12 @@ the real IoU) is averaged, so the encoder learns from every step.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,9 +26,12 @@ from torch import nn
 from ..checkpoint import PARTS, CheckpointError, detect_config, load_weights, merge_checkpoints, save_model
 from ..model import NAMED_CONFIGS, ModelConfig, Sam3D
 from ..model.config import DEFAULT_COMPACT
-from .interaction import decode_fp32, make_click_plan, sample_clicks
-from .loop import DistributedContext, RunConfig, Task, TrainingError, run, step_seed
+from .interaction import (box_corners, decode_fp32, make_click_plan, sample_clicks, upsample_logits,
+                          upsampling_matrix)
+from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
 from .losses import dice_bce_loss, batch_dice, hard_iou
+from .pack import DataError, read_pack
+from .sampler import GpuCropSampler, SamplerConfig
 
 TRAINABLE_CONFIGS: dict[str, ModelConfig] = {"default": DEFAULT_COMPACT, **NAMED_CONFIGS}
 
@@ -37,6 +42,7 @@ class InteractionConfig:
     max_steps: int = 11
     interior_prob: float = 0.5          # share of clicks drawn from the eroded error core
     iou_loss_weight: float = 1.0
+    box_probability: float = 0.3        # share of steps whose first prompt is a box (box-prompt models)
 
 
 @dataclass
@@ -44,6 +50,10 @@ class DataConfig:
     sources: tuple[str, ...] = ()       # manifests or data folders; empty = synthetic only
     synthetic_ratio: float = 0.5
     val_cases: tuple[str, ...] = ()     # kept out of training
+    # Data packs (``fastsam3d pack``): crops are then cut on the training device
+    # by ``GpuCropSampler`` and ``sources`` / ``synthetic_ratio`` are not used.
+    packs: tuple[str, ...] = ()
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
 
 
 @dataclass
@@ -56,6 +66,8 @@ class TrainConfig:
     # Learning-rate multiplier of the prompt encoder and mask decoder. None: 0.1
     # when --init supplied a decoder (FastSAM3D's fine-tuning ratio), else 1.
     decoder_lr_scale: float | None = None
+    box_prompts: bool = False           # add box-corner embeddings to a model that lacks them
+    encoder_width: int | None = None    # image-encoder width of a fresh model (heads = width / 64)
 
 
 def resolve_model_config(name: str | None, init: tuple[str, ...]) -> ModelConfig:
@@ -81,8 +93,15 @@ def initialise(model: Sam3D, files: tuple[str, ...]) -> list[str]:
         raise CheckpointError(f"{', '.join(files)}: no model weights found")
     own = model.state_dict()
     state.update({k: v for k, v in own.items() if not any(k.startswith(p) for p in present)})
+    # A box-prompt model started from point-only weights: its two corner
+    # embeddings are the only new parameters and start fresh.
+    state.update({k: v for k, v in own.items() if k not in state and _is_box_embedding(k)})
     load_weights(model, state, " + ".join(Path(f).name for f in files))
     return [p.rstrip(".") for p in present]
+
+
+def _is_box_embedding(key: str) -> bool:
+    return key in ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight")
 
 
 class InteractiveTraining(nn.Module):
@@ -99,27 +118,32 @@ class InteractiveTraining(nn.Module):
 
     def begin_step(self, step: int) -> None:
         generator = torch.Generator().manual_seed(step_seed(self.seed, step, rank=0))
-        self.plan = make_click_plan(self.interaction.min_steps, self.interaction.max_steps, generator)
+        boxes = self.interaction.box_probability if self.model.config.box_prompts else 0.0
+        self.plan = make_click_plan(self.interaction.min_steps, self.interaction.max_steps, generator, boxes)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor, generator: torch.Generator):
         plan = self.plan
         target = targets.bool()
-        batch, size = images.shape[0], images.shape[2:]
+        batch, size = images.shape[0], images.shape[2]
         low = self.model.low_res_size
+        upsampling = upsampling_matrix(low, size, images.device)
         embedding = self.model.encode(images)
         mask_prompt = images.new_zeros(batch, 1, low, low, low)
         pred = torch.zeros_like(target)
         points = torch.zeros(batch, 0, 3, dtype=torch.long, device=images.device)
         labels = torch.zeros(batch, 0, dtype=torch.long, device=images.device)
+        if plan.box_first:
+            points = box_corners(target, generator)
+            labels = torch.tensor([2, 3], device=images.device).expand(batch, 2)
         total = images.new_zeros(())
         first_dice = None
         for i in range(plan.steps):
-            if plan.adds_click(i):
+            if plan.adds_click(i) and not (i == 0 and plan.box_first):
                 coords, click_labels = sample_clicks(pred, target, generator, self.interaction.interior_prob)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
             low_res, iou_pred = decode_fp32(self.model, embedding, points, labels, mask_prompt)
-            logits = F.interpolate(low_res, size=size, mode="trilinear", align_corners=False)
+            logits = upsample_logits(low_res.float(), upsampling)
             pred = logits.detach() > 0
             iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
             total = total + dice_bce_loss(logits, target) + self.interaction.iou_loss_weight * iou_loss
@@ -149,10 +173,39 @@ def build_dataset(data: DataConfig, seed: int, img_size: int):
     return TrainingSampleSource(kept, synthetic_ratio=ratio, seed=seed, size=img_size), augment_batch
 
 
+def build_batch_source(data: DataConfig, run_config: RunConfig, context: DistributedContext,
+                       img_size: int, spacing_mm: float) -> BatchSource:
+    """Crops cut on the device from data packs, or the host loader's samples."""
+    if not data.packs:
+        return loader_batches(*build_dataset(data, run_config.seed, img_size), run_config, context)
+    volumes = [volume for pack in data.packs for volume in read_pack(pack)]
+    kept = [volume for volume in volumes if volume.name not in set(data.val_cases)]
+    if not kept:
+        raise DataError("the packs hold no volume that is not a --val-case")
+    sampler_config = dataclasses.replace(data.sampler, size=img_size, default_spacing_mm=spacing_mm)
+    sampler = GpuCropSampler(kept, context.device, sampler_config, seed=run_config.seed)
+
+    def start(first_sample: int):
+        def next_batch(step: int, generator: torch.Generator):
+            # Host choices from (seed, step, rank) alone: a resumed run continues the same stream.
+            rng = np.random.default_rng([run_config.seed, step, context.rank])
+            return sampler.sample(run_config.batch_size, rng, generator)
+        return next_batch
+    return start
+
+
 def build_training(config: TrainConfig, context: DistributedContext):
-    """(task, dataset, augment) of an interactive training run on ``context``."""
+    """(task, batch source) of an interactive training run on ``context``."""
     model_config = resolve_model_config(config.model_config, config.init)
-    dataset, augment = build_dataset(config.data, config.run.seed, model_config.encoder.img_size)
+    if config.box_prompts:
+        model_config = dataclasses.replace(model_config, box_prompts=True)
+    if config.encoder_width:
+        if config.encoder_width % 64 or config.init:
+            raise TrainingError("--encoder-width must be a multiple of 64 and cannot be combined with --init")
+        model_config = dataclasses.replace(model_config, encoder=dataclasses.replace(
+            model_config.encoder, embed_dim=config.encoder_width, num_heads=config.encoder_width // 64))
+    batches = build_batch_source(config.data, config.run, context, model_config.encoder.img_size,
+                                 model_config.spacing_mm)
     # Same initial weights on every rank (DDP also broadcasts rank 0's).
     torch.manual_seed(config.run.seed)
     model = Sam3D(model_config)
@@ -171,7 +224,59 @@ def build_training(config: TrainConfig, context: DistributedContext):
     task = Task(name="train", module=module, model_config_json=json.dumps(model_config.to_dict()),
                 export=export, lr_scales=lambda name: _lr_scales(name, decoder_lr_scale),
                 on_step=module.begin_step)
-    return task, dataset, augment
+    return task, batches
+
+
+def benchmark(config: TrainConfig, steps: int, warmup: int = 3) -> dict:
+    """Throughput of the whole training step (data, forward, backward, optimiser)
+    and of the data alone, over ``steps`` steps after ``warmup``; nothing is written."""
+    import time
+
+    from .loop import _autocast, make_optimizer
+
+    context = DistributedContext.start(config.run.device)
+    task, batches = build_training(config, context)
+    module = task.module.to(context.device)
+    optimizer = make_optimizer(module, config.run, task.lr_scales)
+    next_batch = batches(0)
+    generator = torch.Generator(device=context.device)
+    cuda = context.device.type == "cuda"
+
+    def synchronise():
+        if cuda:
+            torch.cuda.synchronize(context.device)
+
+    def one_step(step: int, train_step: bool) -> None:
+        generator.manual_seed(step_seed(config.run.seed, step, context.rank))
+        images, targets = next_batch(step, generator)
+        if not train_step:
+            return
+        task.on_step(step)
+        with _autocast(context.device):
+            loss, _ = module(images, targets, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    timings = {}
+    for name, train_step in (("data", False), ("step", True)):
+        for step in range(warmup):
+            one_step(step, train_step)
+        synchronise()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(context.device)
+        began = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            one_step(step, train_step)
+        synchronise()
+        timings[name] = time.perf_counter() - began
+    batch = config.run.batch_size
+    return {"device": torch.cuda.get_device_name(context.device) if cuda else "cpu",
+            "batch_size": batch, "steps": steps,
+            "data_samples_per_s": round(steps * batch / timings["data"], 1),
+            "train_samples_per_s": round(steps * batch / timings["step"], 1),
+            "step_ms": round(1000 * timings["step"] / steps, 1),
+            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(context.device) / 1e9, 2) if cuda else None}
 
 
 def train(config: TrainConfig) -> dict:

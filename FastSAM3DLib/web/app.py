@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,9 +30,31 @@ from trame_slicer.rca_view import register_rca_factories                     # n
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
 from .segmenter import EXPORT_FORMATS, WebSegmenter, safe_label               # noqa: E402
-from .uploads import UPLOAD_SUFFIXES, UploadError                             # noqa: E402
+from .uploads import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES, UploadError          # noqa: E402
 
 FOUR_UP = "Four-Up"
+DISCONNECTED = "a browser disconnected during an update"
+
+
+def quiet_disconnects() -> None:
+    """A browser closed mid-update makes the server's next write fail with
+    ConnectionResetError (aiohttp's ClientConnectionResetError), wherever in
+    trame, wslink, aiohttp or asyncio that write was: not an error of the app.
+    Such log records become one INFO line without a traceback (installed once,
+    as a record factory, so every logger and handler gets it)."""
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "fastsam3d_quiet_disconnects", False):
+        return
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        if record.exc_info and isinstance(record.exc_info[1], ConnectionResetError):
+            record.msg, record.args = DISCONNECTED, ()
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return record
+    factory.fastsam3d_quiet_disconnects = True
+    logging.setLogRecordFactory(factory)
 
 
 def four_up_layout() -> Layout:
@@ -48,8 +71,9 @@ class FastSAM3DWebApp(TrameApp):
     """The app. ``engine``: a ready Engine (tests); else ``model``/``device``."""
 
     def __init__(self, server=None, images=(), model="default", device="auto", engine=None,
-                 show_3d_surfaces=True):
+                 show_3d_surfaces=True, max_upload_bytes=MAX_UPLOAD_BYTES):
         super().__init__(server, client_type="vue3")
+        self.max_upload_bytes = int(max_upload_bytes)
         self.server.enable_module(trame_slicer_module)
         self.slicer_app = SlicerApp()
         register_rca_factories(self.slicer_app.view_manager, self.server)
@@ -67,6 +91,8 @@ class FastSAM3DWebApp(TrameApp):
             "export_formats": list(EXPORT_FORMATS), "export_name": "segmentation.nii.gz",
             "status": {}, "upload_error": "", "new_segment_name": "",
             "upload_accept": ",".join(UPLOAD_SUFFIXES),
+            "upload_limit": self.max_upload_bytes,
+            "upload_limit_error": f"the upload is larger than {self.max_upload_bytes // 1024 ** 2} MiB",
         })
         self.state.change("active_volume")(self._on_active_volume)
         self.state.change("active_segment")(self._on_active_segment)
@@ -134,7 +160,7 @@ class FastSAM3DWebApp(TrameApp):
     def upload(self, files) -> None:
         """Browser files -> volumes (written only to a temporary folder, under generated names)."""
         try:
-            self.segmenter.load_uploads(files)
+            self.segmenter.load_uploads(files, max_bytes=self.max_upload_bytes)
             self.state.upload_error = ""
         except (UploadError, ValueError, OSError) as exc:
             self.state.upload_error = str(exc)
@@ -205,7 +231,9 @@ class FastSAM3DWebApp(TrameApp):
             label="load scans (.nii.gz, .nii, .nrrd, .mha, DICOM .dcm)", multiple=True, density="compact",
             hide_details=True, prepend_icon="mdi-file-upload", classes="mt-2", accept=("upload_accept",),
             id="fs3d-upload",
-            change=f"trigger('{trigger(self.upload)}', [$event.target.files])")
+            # Files over the limit are refused in the page, before they are sent (the server checks again).
+            change=("Array.from($event.target.files).reduce((n, f) => n + f.size, 0) > upload_limit "
+                    f"? (upload_error = upload_limit_error) : trigger('{trigger(self.upload)}', [$event.target.files])"))
         v3.VAlert("{{ upload_error }}", v_if=("upload_error",), type="error", density="compact", classes="mt-2")
 
     def _segment_panel(self):
@@ -276,7 +304,7 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(images=(), host="127.0.0.1", port=8080, model="default", device="auto",
-          open_browser=False) -> int:
+          open_browser=False, max_upload_bytes=MAX_UPLOAD_BYTES) -> int:
     """Start the server (blocking). Binds to loopback unless told otherwise."""
     from FastSAM3DLib.build import MODEL_NAMES
     for image in images:
@@ -291,7 +319,8 @@ def serve(images=(), host="127.0.0.1", port=8080, model="default", device="auto"
     sys.argv = sys.argv[:1]
     from trame.app import get_server
     server = get_server("fastsam3d-web", client_type="vue3")
-    app = FastSAM3DWebApp(server, images=images, model=model, device=device)
+    quiet_disconnects()
+    app = FastSAM3DWebApp(server, images=images, model=model, device=device, max_upload_bytes=max_upload_bytes)
     print(f"fastsam3d web: http://{host if ':' not in host else f'[{host}]'}:{port}/ "
           f"(model '{model}', device '{device}')", file=sys.stderr, flush=True)
     app.server.start(host=host, port=port, open_browser=open_browser, timeout=0,

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from FastSAM3DLib.slicer_bridge import (ClickInfo, EngineWorker, PromptPoints, SegmentSession,
+from FastSAM3DLib.slicer_bridge import (ClickInfo, EngineWorker, Operation, PromptPoints, SegmentSession,
                                         export_labelmap, get_engine, read_segment)
 from FastSAM3DLib.slicer_bridge.export import LABELMAP_SUFFIXES
 
 from .effect import FastSAM3DEffect
-from .uploads import UploadError, display_name, save_uploads
+from .uploads import MAX_UPLOAD_BYTES, UploadError, display_name, save_uploads
 
 SEGMENT_COLOURS = [(0.95, 0.65, 0.15), (0.25, 0.60, 1.00), (0.90, 0.30, 0.65),
                    (0.30, 0.85, 0.85), (0.95, 0.90, 0.25), (0.60, 0.40, 0.95)]
@@ -43,11 +43,16 @@ def colour_hex(rgb) -> str:
 
 @dataclass
 class _Plan:
-    kind: str
     key: tuple
-    session: SegmentSession
-    compute: Callable
-    apply: Callable
+    operation: Operation             # the bridge's click/undo/redo/reset (compute, then apply)
+
+    @property
+    def kind(self) -> str:
+        return self.operation.kind
+
+    @property
+    def session(self) -> SegmentSession:
+        return self.operation.session
 
 
 class WebSegmenter:
@@ -143,11 +148,11 @@ class WebSegmenter:
             self.show_volume(node)
         return node
 
-    def load_uploads(self, files) -> list:
+    def load_uploads(self, files, max_bytes=MAX_UPLOAD_BYTES) -> list:
         """Browser files -> volumes. They are written under generated names into
         a temporary folder that is deleted once they are read."""
         with tempfile.TemporaryDirectory(prefix="fastsam3d-upload-") as tmp:
-            saved = save_uploads(files, tmp)
+            saved = save_uploads(files, tmp, max_bytes=max_bytes)
             if all(p.suffix == ".dcm" for p, _ in saved):
                 groups = [([p for p, _ in saved], saved[0][1])]      # one DICOM series
             else:
@@ -323,7 +328,10 @@ class WebSegmenter:
             loop = None
         if loop is None:
             plan = self._plan(kind, kw)
-            return None if plan is None else self._finish(plan, plan.compute())
+            if plan is None:
+                return None
+            plan.operation.compute()
+            return self._finish(plan)
         task = loop.create_task(self._operate_async(kind, kw))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -340,8 +348,8 @@ class WebSegmenter:
                 plan = self._plan(kind, kw)
                 if plan is None:
                     return None
-                result = await asyncio.wrap_future(self.worker.submit(plan.compute))
-                return self._finish(plan, result)
+                await asyncio.wrap_future(self.worker.submit(plan.operation.compute))
+                return self._finish(plan)
             except Exception as exc:           # shown in the page; the server goes on
                 self.error = f"{kind} failed: {exc}"
                 self._notify()
@@ -358,31 +366,24 @@ class WebSegmenter:
             session = self._session_for(kw["key"], create=True)
             if session is None:
                 return None
-            return _Plan(kind, kw["key"], session,
-                         lambda: session.compute_click(kw["ras"], kw["positive"]), session.apply_click)
+            return _Plan(kw["key"], session.operation("click", kw["ras"], kw["positive"]))
         if kind == "reset":
             session = self.session(create=False)
             if session is None or not session.clicks:
                 return None
-            return _Plan(kind, self._key(self.segment_id), session, session.compute_reset,
-                         lambda r: session.apply_click(r, "reset"))
+            return _Plan(self._key(self.segment_id), session.operation("reset"))
         stack = history if kind == "undo" else redo
         while stack and stack[-1] not in self._sessions:      # segment gone
             stack.pop()
         if not stack:
             return None
         key = stack[-1]
-        session = self._sessions[key]
-        if kind == "undo":
-            return _Plan(kind, key, session, session.compute_undo,
-                         lambda r: None if r is None else session.apply_undo(r))
-        return _Plan(kind, key, session, session.compute_redo,
-                     lambda r: None if r is None else session.apply_click(r, "redo"))
+        return _Plan(key, self._sessions[key].operation(kind))
 
-    def _finish(self, plan: _Plan, result) -> ClickInfo | None:
+    def _finish(self, plan: _Plan) -> ClickInfo | None:
         surfaces = self._pause_surfaces(plan.session.segmentation_node)
         try:
-            info = plan.apply(result)
+            info = plan.operation.apply()
         finally:
             if surfaces:
                 self._resume_surfaces(plan.session.segmentation_node)

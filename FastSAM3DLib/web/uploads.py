@@ -61,6 +61,9 @@ def save_uploads(files, directory, max_bytes=MAX_UPLOAD_BYTES) -> list[tuple[Pat
         if suffix is None:
             raise UploadError(f"'{display_name(name, 'file')}' is not a supported image: "
                               f"use {', '.join(UPLOAD_SUFFIXES)}")
+        declared = (file or {}).get("size")
+        if isinstance(declared, (int, float)) and total + declared > max_bytes:
+            raise UploadError(f"the upload is larger than {max_bytes // 1024 ** 2} MiB")
         content = _content(file)
         if not content:
             raise UploadError(f"'{display_name(name, 'file')}' is empty")

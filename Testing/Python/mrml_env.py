@@ -258,6 +258,14 @@ class _FakeSession:
     def clicks(self):
         return list(self._history[self._pos])
 
+    @property
+    def can_undo(self):
+        return self._pos > 0
+
+    @property
+    def can_redo(self):
+        return self._pos + 1 < len(self._history)
+
     def _mask(self, clicks):
         m = np.zeros(len(self._lps), bool)
         for p, positive in clicks:

@@ -25,7 +25,7 @@ def _run(args, capsys):
 def test_segment_writes_a_labelmap_on_the_input_grid(tmp_path, capsys):
     out = tmp_path / "liver.nrrd"
     code, _, err = _run(["segment", SAMPLE, "-o", out, "--point", LIVER_RAS, "--model", "fastsam3d",
-                         "--device", "cpu"], capsys)
+                         "--random-weights", "--device", "cpu"], capsys)
     assert code == 0, err
     image, label = sitk.ReadImage(str(SAMPLE)), sitk.ReadImage(str(out))
     assert label.GetSize() == image.GetSize()
@@ -44,7 +44,8 @@ def test_prompts_file_gives_one_label_per_object_without_overwriting(tmp_path, c
         {"label": 7, "name": "near liver", "points": [[90, 160, 390]], "negative": [[98, 164.3, 394.3]]},
     ]}))
     out = tmp_path / "organs.nii.gz"
-    code, _, err = _run(["segment", SAMPLE, "-o", out, "--prompts", prompts, "--model", "fastsam3d"], capsys)
+    code, _, err = _run(["segment", SAMPLE, "-o", out, "--prompts", prompts, "--model", "fastsam3d",
+                         "--random-weights"], capsys)
     assert code == 0, err
     values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out)))))
     assert values <= {0, 3, 7} and 3 in values
@@ -57,17 +58,80 @@ def test_prompts_file_gives_one_label_per_object_without_overwriting(tmp_path, c
     (["segment", SAMPLE, "-o", "{tmp}/no_such_dir/x.nii.gz", "--point", LIVER_RAS], "does not exist"),
     (["segment", SAMPLE, "-o", "{tmp}/x.txt", "--point", LIVER_RAS], "extension"),
     (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", LIVER_RAS, "--model", "{tmp}/nope.pth"], "not found"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", LIVER_RAS, "--model", "{tmp}/notes.txt"],
+     "notes.txt is not a weights file"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", LIVER_RAS, "--model", "fastsam3d"], "--random-weights"),
+    (["segment", SAMPLE, "-o", "{tmp}/x.nii.gz", "--point", LIVER_RAS, "--model", "sam-med3d"], "--random-weights"),
+    (["segment", SAMPLE, "-o", "{tmp}/folder.nii.gz", "--point", LIVER_RAS], "is a folder"),
+    (["segment", SAMPLE, "-o", "/sys/x.nii.gz", "--point", LIVER_RAS], "cannot write /sys/x.nii.gz: Permission"),
 ])
 def test_bad_input_gives_one_line_and_no_output(tmp_path, capsys, args, message):
     args = [str(a).replace("{tmp}", str(tmp_path)) for a in args]
+    (tmp_path / "folder.nii.gz").mkdir()
+    if "notes.txt" in args[-1]:
+        notes = Path(args[-1])
+        notes.write_text("some notes, not weights\n")
     if "--model" not in args:
-        args += ["--model", "fastsam3d"]
+        args += ["--model", "fastsam3d", "--random-weights"]
     code, out, err = _run(args, capsys)
     assert code == 2
     lines = [line for line in err.splitlines() if line.startswith("fastsam3d: error")]
     assert len(lines) == 1 and message in lines[0], err
-    assert "Traceback" not in err
-    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+    assert "Traceback" not in err and "np.float64" not in err
+    assert not any(p.is_file() and p.suffix != ".txt" for p in tmp_path.rglob("*"))
+
+
+def test_errors_show_plain_numbers_and_come_before_the_model(tmp_path, capsys, monkeypatch):
+    """A point outside the image and a missing output folder are reported
+    before the model is built, with numbers as typed (no numpy reprs)."""
+    import FastSAM3DLib.session as session
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the input was checked")
+    monkeypatch.setattr(session.Engine, "__init__", no_model)
+    code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "x.nii.gz", "--point", "5000,0,0"], capsys)
+    assert code == 2 and "the point (5000, 0, 0) (ras) of object lies outside the image" in err, err
+    code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "none" / "x.nii.gz", "--point", LIVER_RAS], capsys)
+    assert code == 2 and "does not exist" in err and "AssertionError" not in err, err
+
+
+def test_negative_coordinates_as_separate_argument_and_normal_file_mode(tmp_path, capsys):
+    """``--point -98,-164.3,394.3`` (a value starting with '-') is a point, not an
+    option; the output gets the usual permissions (umask), not mkstemp's 0600."""
+    import os
+    out = tmp_path / "liver.nii.gz"
+    old = os.umask(0o022)
+    try:
+        code, _, err = _run(["segment", SAMPLE, "-o", out, "--space", "lps", "--point", "-98,-164.3,394.3",
+                             "--negative", "-1e2,-170,394.3", "--model", "fastsam3d", "--random-weights",
+                             "--device", "cpu"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert "click at (-98.0, -164.3, 394.3)" in err and "click at (-100.0, -170.0, 394.3)" in err
+    assert (out.stat().st_mode & 0o777) == 0o644
+
+
+def test_an_empty_result_is_reported_and_not_written(tmp_path, capsys, monkeypatch):
+    import FastSAM3DLib.session as session
+    monkeypatch.setattr(session.InteractiveSession, "mask",
+                        lambda self: np.zeros(self.image.GetSize()[::-1], bool))
+    out = tmp_path / "x.nii.gz"
+    code, _, err = _run(["segment", SAMPLE, "-o", out, "--point", LIVER_RAS, "--model", "fastsam3d",
+                         "--random-weights", "--device", "cpu"], capsys)
+    assert code == 1 and "object came out empty (0 voxels)" in err and "nothing was written" in err, err
+    assert not out.exists()
+
+
+def test_written_files_get_the_umask_mode(tmp_path):
+    import os
+    from FastSAM3DLib.image import image_from_array, write_image_atomic
+    old = os.umask(0o027)
+    try:
+        write_image_atomic(image_from_array(np.zeros((3, 3, 3), np.uint8)), tmp_path / "a.nrrd")
+    finally:
+        os.umask(old)
+    assert ((tmp_path / "a.nrrd").stat().st_mode & 0o777) == 0o640
 
 
 def test_text_file_as_image_and_bad_point_syntax(tmp_path, capsys):

@@ -13,7 +13,8 @@ from FastSAM3DLib.cli import main
 from FastSAM3DLib.model import DecoderConfig, EncoderConfig, ModelConfig, Sam3D
 from FastSAM3DLib.training.distill import (DistillConfig, Distillation, active_student_layers,
                                            build_distillation, teacher_layer_for)
-from FastSAM3DLib.training.loop import CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext, RunConfig, run
+from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext, RunConfig,
+                                        loader_batches, run)
 from FastSAM3DLib.training.train import InteractionConfig
 
 TINY_DECODER = DecoderConfig(transformer_mlp_dim=96, transformer_heads=4, iou_head_hidden_dim=32)
@@ -60,9 +61,10 @@ def _config(out: Path, weights: dict, steps: int, layerwise_fraction: float, **r
 def _run(config: DistillConfig) -> dict:
     context = DistributedContext.start("cpu")
     try:
-        task, _, _ = build_distillation(config, context)
-        return run(task, OneSample(), lambda images, targets, generator: (images, targets),
-                   config.run, context) | {"task": task}
+        task, _ = build_distillation(config, context)
+        batches = loader_batches(OneSample(), lambda images, targets, generator: (images, targets),
+                                 config.run, context)
+        return run(task, batches, config.run, context) | {"task": task}
     finally:
         context.stop()
 

@@ -33,9 +33,11 @@ def nifti_sform(path) -> np.ndarray:
     return affine
 
 
-def test_load_image_gives_float32_with_the_file_geometry(t2_path, t2):
+def test_load_image_keeps_the_pixel_type_and_the_file_geometry(t2_path, t2):
+    """No whole-volume float32 copy: the file's own pixel type is kept (the ROI
+    resampling makes float32), so an int16 CT costs half the memory."""
     image = load_image(t2_path)
-    assert image.GetPixelID() == sitk.sitkFloat32
+    assert image.GetPixelID() == sitk.ReadImage(str(t2_path)).GetPixelID() != sitk.sitkFloat32
     for get in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         assert getattr(image, get)() == getattr(t2, get)()
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(t2))
@@ -113,22 +115,24 @@ def test_image_from_array_ras_and_lps_describe_the_same_image(t2):
     ras = image_from_array(array, t2.GetSpacing(), lps_to_ras(t2.GetOrigin()),
                            np.diag([-1.0, -1.0, 1.0]) @ direction, space="ras")
     for image in (lps, ras):
-        assert image.GetPixelID() == sitk.sitkFloat32
+        assert image.GetPixelID() == t2.GetPixelID()
         np.testing.assert_allclose(image.GetOrigin(), t2.GetOrigin(), atol=1e-12)
         np.testing.assert_allclose(image.GetDirection(), t2.GetDirection(), atol=1e-12)
 
 
-def write_dicom_series(volume: sitk.Image, folder, series_uid: str, slices: range):
-    """One DICOM file per axial slice, with the position/orientation tags a reader needs."""
+def write_dicom_series(volume: sitk.Image, folder, series_uid: str, slices, position=None):
+    """One DICOM file per axial slice, with the position/orientation tags a reader needs.
+    position(k): the slice's LPS position (default: where slice k of ``volume`` lies)."""
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     d = volume.GetDirection()
+    position = position or (lambda k: volume.TransformIndexToPhysicalPoint((0, 0, k)))
     for number, k in enumerate(slices, start=1):
         plane = volume[:, :, k]
         tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
                 "0020|000e": series_uid, "0008|0018": f"{series_uid}.{number}",
                 "0020|0013": str(number),
-                "0020|0032": "\\".join(map(str, volume.TransformIndexToPhysicalPoint((0, 0, k)))),
+                "0020|0032": "\\".join(map(str, position(k))),
                 "0020|0037": "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))}
         for tag, value in tags.items():
             plane.SetMetaData(tag, value)
@@ -146,6 +150,34 @@ def test_dicom_folder_loads_the_largest_series(shared_data, tmp_path):
     np.testing.assert_allclose(image.GetOrigin(), ct.GetOrigin(), atol=1e-3)
     np.testing.assert_allclose(image.GetDirection(), ct.GetDirection(), atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(ct))
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "1 missing slice(s): a gap of 4.00 mm after slice 5 of 11"),
+    ("uneven", "uneven slice spacing (2.00 to 3.00 mm)"),
+    ("tilt", "gantry tilt of 16.7 degrees"),
+    ("regular", None),
+])
+def test_dicom_series_checks(tmp_path, layout, message):
+    volume = sitk.GetImageFromArray(np.arange(12 * 16 * 16, dtype=np.int16).reshape(12, 16, 16))
+    volume.SetSpacing((0.8, 0.8, 2.0))
+    slices = list(range(12))
+    position = None
+    if layout == "missing":
+        slices.remove(5)
+    elif layout == "uneven":
+        position = lambda k: (0.0, 0.0, 2.0 * k if k < 6 else 12.0 + 3.0 * (k - 6))
+    elif layout == "tilt":
+        position = lambda k: (0.0, 0.6 * k, 2.0 * k)
+    write_dicom_series(volume, tmp_path, "1.2.826.0.1.3680043.2.1125.9", slices, position)
+    if message is None:
+        image = load_image(tmp_path)
+        assert image.GetSize() == (16, 16, 12) and image.GetPixelID() == sitk.sitkInt16
+        np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.8, 2.0), atol=1e-4)
+        return
+    with pytest.raises(ImageError) as caught:
+        load_image(tmp_path)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def _bad_files(folder, t2):
@@ -170,6 +202,23 @@ def _bad_files(folder, t2):
     cases.append(("NaN", folder / "nan.nrrd", f"4 of {array.size} voxels that are NaN or infinite"))
     (folder / "empty").mkdir()
     cases.append(("empty folder", folder / "empty", "no DICOM series"))
+    # Truncated and corrupt files (ITK would read the missing voxels as zeros).
+    sitk.WriteImage(t2, str(folder / "whole.nii.gz"), True)
+    data = (folder / "whole.nii.gz").read_bytes()
+    (folder / "cut.nii.gz").write_bytes(data[:len(data) // 2])
+    cases.append(("truncated nii.gz", folder / "cut.nii.gz", "cut.nii.gz is truncated"))
+    flipped = bytearray(data)
+    flipped[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (folder / "bad.nii.gz").write_bytes(bytes(flipped))
+    cases.append(("corrupt nii.gz", folder / "bad.nii.gz", "bad.nii.gz is corrupt"))
+    sitk.WriteImage(t2, str(folder / "whole.nii"))
+    data = (folder / "whole.nii").read_bytes()
+    (folder / "cut.nii").write_bytes(data[:len(data) - 100])
+    cases.append(("truncated nii", folder / "cut.nii", "cut.nii is truncated: its header describes"))
+    sitk.WriteImage(t2, str(folder / "whole.nrrd"), True)
+    data = (folder / "whole.nrrd").read_bytes()
+    (folder / "cut.nrrd").write_bytes(data[:len(data) // 2])
+    cases.append(("truncated nrrd", folder / "cut.nrrd", "cut.nrrd is truncated"))
     return cases
 
 
@@ -225,7 +274,7 @@ def test_write_image_atomic_failure_leaves_no_partial_file(t2, tmp_path, monkeyp
         raise RuntimeError("ITK ERROR: NiftiImageIO: \nERROR: No space left on device")
 
     monkeypatch.setattr(image_module.sitk, "WriteImage", write_half_then_fail)
-    with pytest.raises(ImageError, match="could not write .*No space left on device"):
+    with pytest.raises(ImageError, match="cannot write .*result.nii.gz: .*No space left on device"):
         write_image_atomic(t2, target)
     assert [p.name for p in tmp_path.iterdir()] == ["result.nii.gz"]
     assert target.read_bytes() == b"previous result"

@@ -37,7 +37,7 @@ def sample_like_reference(image, points_lps):
     """Linear interpolation at LPS points, independent of SimpleITK's resampler:
     numpy index maths + scipy; NaN where not strictly inside the voxel lattice."""
     index = lps_to_continuous_index(image, points_lps)
-    voxels_ijk = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+    voxels_ijk = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float64)
     values = ndimage.map_coordinates(voxels_ijk, index.reshape(-1, 3).T, order=1)
     inside = np.all((index >= 0) & (index <= np.array(image.GetSize()) - 1), axis=-1)
     return np.where(inside.ravel(), values, np.nan).reshape(index.shape[:-1])
@@ -126,7 +126,7 @@ def test_roi_axes_are_canonical_ras_on_a_real_nifti(shared_data):
     ras = centre_ras + 1.5 * (voxels - 63.5)                  # axis n steps +1.5 mm along RAS axis n
     ijk = (ras - sform[:3, 3]) @ np.linalg.inv(sform[:3, :3]).T
     inside = np.all((ijk >= 0) & (ijk <= np.array(image.GetSize()) - 1), axis=-1)
-    voxels_ijk = sitk.GetArrayFromImage(image).transpose(2, 1, 0)     # NIfTI data order
+    voxels_ijk = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(np.float32)   # NIfTI order
     expected = ndimage.map_coordinates(voxels_ijk, ijk[inside].T, order=1)
     assert inside.mean() > 0.5
     np.testing.assert_allclose(crop[inside], expected, atol=1e-3)
@@ -215,7 +215,7 @@ def test_extract_roi_on_an_anisotropic_image(shared_data):
     grid = sitk.Image([500, 500, 14], sitk.sitkFloat32)
     grid.SetSpacing((0.3, 0.3, 10.0))
     grid.SetOrigin((centre_lps(ch2) - [75.0, 75.0, 65.0]).tolist())
-    image = sitk.Resample(ch2, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
+    image = sitk.Resample(ch2, grid, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     roi = roi_for_point(centre_lps(image) + [2.1, -3.3, 4.0])
     started = time.perf_counter()
     crop = extract_roi(image, roi)

@@ -273,29 +273,153 @@ def test_content_before_the_session_survives_undo(spine):
     np.testing.assert_array_equal(read_segment(seg, sid, vol), before)
 
 
-def test_writer_replaces_only_its_box_and_has_slicer_undo(spine):
+def test_writer_replaces_only_its_box_keeps_keep_and_keeps_no_mrml_undo(spine):
     scene, _, vol = spine
     seg, (sid,) = new_segmentation(scene, vol)
     w = SegmentEditorLogicWriter(seg, sid, vol)
     assert isinstance(w, SegmentWriter)
     from mrml_env import MaskPatch
-    w.save_undo_state()
     w.apply(MaskPatch((5, 5, 5), np.ones((4, 4, 4), bool)))
-    w.save_undo_state()
     w.apply(MaskPatch((20, 20, 20), np.ones((3, 3, 3), bool)))
     assert read_segment(seg, sid, vol).sum() == 64 + 27
     half = np.zeros((4, 4, 4), bool)
     half[:2] = True
-    w.save_undo_state()
     w.apply(MaskPatch((5, 5, 5), half))
     assert read_segment(seg, sid, vol).sum() == 32 + 27
-    assert w.can_undo()
-    w.undo()
-    assert read_segment(seg, sid, vol).sum() == 64 + 27
-    w.redo()
-    assert read_segment(seg, sid, vol).sum() == 32 + 27
+    keep = np.zeros((4, 4, 4), bool)
+    keep[3] = True
+    content = w.apply(MaskPatch((5, 5, 5), half), keep=keep)
+    np.testing.assert_array_equal(content, half | keep)
+    np.testing.assert_array_equal(read_segment(seg, sid, vol, (5, 5, 5), (4, 4, 4)), half | keep)
+    assert not w._logic.CanUndo()                  # no private MRML history that nothing reads
     w.close()
     assert scene.GetFirstNodeByName("FastSAM3D writer") is None
+
+
+# -- the segment's own content (base layer) ----------------------------------------------
+def painted_slab(seg, sid, vol, start=(24, 16, 5), shape=(3, 22, 50)):
+    """A painted slab (3 x 22 x 50 = 3,300 voxels) across where the clicks go."""
+    w = SegmentEditorLogicWriter(seg, sid, vol)
+    from mrml_env import MaskPatch
+    w.apply(MaskPatch(start, np.ones(shape, bool)))
+    w.close()
+    slab = np.zeros(slicer.util.arrayFromVolume(vol).shape, bool)
+    slab[tuple(slice(a, a + n) for a, n in zip(start, shape))] = True
+    return slab
+
+
+def test_painted_slab_keeps_every_voxel_through_clicks_undo_redo_reset(spine):
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    slab = painted_slab(seg, sid, vol)
+    assert slab.sum() == 3300
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab)
+    s = session(vol, seg, sid, FakeEngine(RADIUS))
+    states = [slab]
+    for ijk, positive in [((30, 27, 26), True), ((35, 27, 26), True), ((30, 31, 26), True)]:
+        info = s.add_click(centre_of(vol, ijk), positive)
+        assert info.changed
+        mask = read_segment(seg, sid, vol)
+        assert not np.any(slab & ~mask), "painted voxels lost"
+        np.testing.assert_array_equal(mask, slab | s.engine_session.mask())
+        states.append(mask.copy())
+    for expected in states[-2::-1]:
+        s.undo()
+        np.testing.assert_array_equal(read_segment(seg, sid, vol), expected)
+    for expected in states[1:]:
+        s.redo()
+        np.testing.assert_array_equal(read_segment(seg, sid, vol), expected)
+    s.reset()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab)
+
+
+def test_replace_mode_gives_the_box_to_the_prediction(spine):
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    slab = painted_slab(seg, sid, vol)
+    s = session(vol, seg, sid, FakeEngine(RADIUS), mode="replace")
+    info = s.add_click(centre_of(vol, (30, 27, 26)))
+    start, stop = info.box_kji
+    box = tuple(slice(a, b) for a, b in zip(start, stop))
+    mask = read_segment(seg, sid, vol)
+    np.testing.assert_array_equal(mask[box], s.engine_session.mask()[box])
+    outside = np.ones(mask.shape, bool)
+    outside[box] = False
+    np.testing.assert_array_equal(mask & outside, slab & outside)
+    assert (slab & ~mask).sum() > 0
+    with pytest.raises(ValueError, match="mode"):
+        session(vol, seg, sid, FakeEngine(RADIUS), mode="merge")
+
+
+def test_negative_click_erases_base_only_where_it_removed_prediction(spine):
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    slab = painted_slab(seg, sid, vol)
+    s = session(vol, seg, sid, FakeEngine(RADIUS))
+    s.add_click(centre_of(vol, (30, 27, 26)))
+    predicted = s.engine_session.mask().copy()
+    s.add_click(centre_of(vol, (33, 27, 26)), positive=False)
+    now = s.engine_session.mask()
+    removed = predicted & ~now
+    assert (removed & slab).any()
+    mask = read_segment(seg, sid, vol)
+    np.testing.assert_array_equal(mask, (slab & ~removed) | now)
+    s.undo()                                         # the erased base voxels come back
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab | predicted)
+
+
+def test_edits_between_clicks_are_kept(spine):
+    """Voxels painted (or erased) with another tool between two clicks stay so."""
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    s = session(vol, seg, sid, FakeEngine(RADIUS))
+    start, _ = s.add_click(centre_of(vol, (30, 27, 26))).box_kji
+    from mrml_env import MaskPatch
+    painter = SegmentEditorLogicWriter(seg, sid, vol)
+    corner = np.ones((2, 2, 2), bool)                  # in the written box, outside the ball
+    assert not read_segment(seg, sid, vol, start, corner.shape).any()
+    painter.apply(MaskPatch(start, corner))
+    painted = read_segment(seg, sid, vol).copy()
+    erased = tuple(int(v) for v in np.argwhere(painted)[len(np.argwhere(painted)) // 2])
+    painter.apply(MaskPatch(erased, np.zeros((1, 1, 1), bool)))     # and one voxel erased
+    assert not read_segment(seg, sid, vol)[erased]
+    s.add_click(centre_of(vol, (31, 27, 26)))
+    mask = read_segment(seg, sid, vol)
+    assert mask[tuple(slice(a, a + 2) for a in start)].all()
+    s.add_click(centre_of(vol, (29, 27, 26)))
+    assert not read_segment(seg, sid, vol)[erased] or s.engine_session.mask()[erased]
+    painter.close()
+
+
+def test_effect_apply_adds_the_preview_and_replace_clears_the_box(spine):
+    """The effect's Apply (preview_labelmaps) keeps the segment's content by default."""
+    from FastSAM3DLib.slicer_bridge import preview_labelmaps
+    from mrml_env import MaskPatch
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    slab = painted_slab(seg, sid, vol)
+    preview = np.zeros((10, 10, 10), bool)
+    preview[2:8, 2:8, 2:8] = True
+    patch = MaskPatch((20, 22, 25), preview)
+    logic = slicer.vtkSlicerSegmentEditorLogic()
+    editor = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+    logic.SetMRMLScene(scene)
+    logic.SetSegmentEditorNode(editor)
+    logic.SetSegmentationNode(seg)
+    logic.SetSourceVolumeNode(vol)
+    modes = {"add": logic.ModificationModeAdd, "remove": logic.ModificationModeRemove}
+
+    def apply(ops):
+        for image, mode in ops:
+            logic.ModifySegmentByLabelmap(seg, sid, image, modes[mode], image.GetExtent(), False, True)
+    placed = np.zeros_like(slab)
+    placed[20:30, 22:32, 25:35] = preview
+    apply(preview_labelmaps(patch, seg, sid, vol))
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab | placed)
+    apply(preview_labelmaps(patch, seg, sid, vol, replace=True))
+    box = np.zeros_like(slab)
+    box[20:30, 22:32, 25:35] = True
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), (slab & ~box) | placed)
 
 
 def test_resampled_read_for_a_segment_on_another_grid(spine):
@@ -455,8 +579,8 @@ class _Untouchable:
 
 
 def test_engine_halves_touch_no_mrml_and_run_on_the_worker(spine):
-    """compute_* run on the EngineWorker thread without touching nodes or the
-    writer; apply_* then write on the calling (main) thread."""
+    """Operation.compute runs on the EngineWorker thread without touching nodes
+    or the writer; apply then writes on the calling (main) thread."""
     import threading
     from FastSAM3DLib.slicer_bridge import EngineWorker
     scene, _, vol = spine
@@ -467,20 +591,81 @@ def test_engine_halves_touch_no_mrml_and_run_on_the_worker(spine):
                                                     _Untouchable("writer"))
     worker = EngineWorker()
     threads = []
+    compute = type(s.engine).new_session
 
-    def compute(fn, *args):
+    def spy(engine, image):
         threads.append(threading.current_thread().name)
-        return fn(*args)
+        return compute(engine, image)
+    s.engine.new_session = spy.__get__(s.engine)
     try:
-        r1 = worker.submit(compute, s.compute_click, centre_of(vol, (30, 27, 26)), True).result()
-        r2 = worker.submit(compute, s.compute_click, centre_of(vol, (34, 27, 26)), False).result()
+        f1 = s.submit(worker, "click", centre_of(vol, (30, 27, 26)), True)
+        f2 = s.submit(worker, "click", centre_of(vol, (34, 27, 26)), False)
+        ops = [f1.result(), f2.result()]
     finally:
         worker.shutdown(wait=True)
-    assert len(set(threads)) == 1 and threads[0] != threading.current_thread().name
+    assert threads and threads[0] != threading.current_thread().name, "engine session made on the main thread"
     s.volume_node, s.segmentation_node, s.writer = real
-    s.apply_click(r1)
-    s.apply_click(r2)
+    for op in ops:
+        assert op.apply().changed
     np.testing.assert_array_equal(read_segment(seg, sid, vol), s.engine_session.mask())
+
+
+def test_building_a_session_never_waits_for_the_engine(spine):
+    """The main thread builds sessions while the worker holds the engine busy
+    (encoding): nothing in the constructor may wait for the engine."""
+    import threading
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    engine = FakeEngine(RADIUS)
+    busy = threading.Lock()
+    busy.acquire()                                     # "the worker is encoding"
+    made = engine.new_session
+
+    def waiting_new_session(image):
+        with busy:
+            return made(image)
+    engine.new_session = waiting_new_session
+    done = threading.Event()
+    box = []
+    thread = threading.Thread(target=lambda: (box.append(SegmentSession(vol, seg, sid, engine=engine)),
+                                              done.set()), daemon=True)
+    thread.start()
+    try:
+        assert done.wait(20), "SegmentSession() waited for the engine"
+    finally:
+        busy.release()
+    s = box[0]
+    assert not s.can_undo and not s.can_redo and s.clicks == []
+    s.add_click(centre_of(vol, (30, 27, 26)))
+    assert s.can_undo and not s.can_redo
+    s.undo()
+    assert s.can_redo
+    s.redo()
+    assert not s.can_redo
+
+
+def test_results_arriving_after_close_or_node_removal_are_dropped(spine):
+    from FastSAM3DLib.slicer_bridge import EngineWorker
+    scene, _, vol = spine
+    seg, (a, b) = new_segmentation(scene, vol, ("a", "b"))
+    worker = EngineWorker()
+    try:
+        s = session(vol, seg, a, FakeEngine(RADIUS))
+        pending = s.submit(worker, "click", centre_of(vol, (30, 27, 26)))
+        s.close()                                      # scene closed / model or device changed
+        assert pending.result().apply() is None
+        assert read_segment(seg, a, vol).sum() == 0
+        s = session(vol, seg, b, FakeEngine(RADIUS))
+        pending = s.submit(worker, "click", centre_of(vol, (30, 27, 26)))
+        op = pending.result()
+        seg.GetSegmentation().RemoveSegment(b)           # the segment was deleted meanwhile
+        assert op.apply() is None
+        s2 = session(vol, seg, a, FakeEngine(RADIUS))
+        op = s2.submit(worker, "click", centre_of(vol, (30, 27, 26))).result()
+        scene.RemoveNode(seg)
+        assert op.apply() is None
+    finally:
+        worker.shutdown(wait=True)
 
 
 def test_modifier_labelmaps_on_a_shifted_reference_grid(spine):

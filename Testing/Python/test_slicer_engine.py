@@ -240,3 +240,65 @@ def test_import_weights_checks_and_caches(tmp_path):
         models.import_weights(text, cache)
     models.remove_model(entry.value)
     assert [e.value for e in models.available_models(cache)] == ["default"]
+
+
+def test_image_is_prepared_once_on_the_worker_in_its_own_pixel_type(engine, spine, monkeypatch):
+    """A session's image keeps the volume's pixel type (no float32 copy of the
+    whole volume), and the voxel (NaN/inf) scan runs once, on the worker thread,
+    not on the main thread that builds the session."""
+    import threading
+    import SimpleITK as sitk
+    import FastSAM3DLib.image as image_module
+    from FastSAM3DLib.slicer_bridge import EngineWorker, SegmentSession, read_segment
+    scene, _, vol = spine
+    float_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "float copy")
+    slicer.util.updateVolumeFromArray(float_volume, slicer.util.arrayFromVolume(vol).astype(np.float32))
+    float_volume.CopyOrientation(vol)
+    seg, (sid,) = new_segmentation(scene, float_volume)
+    scans = []
+    count = image_module._count_non_finite
+    monkeypatch.setattr(image_module, "_count_non_finite",
+                        lambda image: scans.append(threading.current_thread().name) or count(image))
+    s = SegmentSession(float_volume, seg, sid, engine=engine)
+    assert scans == [] and s.image.GetPixelID() == sitk.sitkFloat32
+    worker = EngineWorker("prepare-test")
+    try:
+        for ijk in [(30, 27, 26), (32, 27, 26)]:
+            assert s.submit(worker, "click", centre(float_volume, ijk)).result().apply().changed
+    finally:
+        worker.shutdown(wait=True)
+    assert len(scans) == 1 and scans[0].startswith("prepare-test")
+    assert read_segment(seg, sid, float_volume).any()
+    native = SegmentSession(vol, seg, sid, engine=engine)
+    assert native.image.GetPixelID() == sitk.ReadImage(str(SPINE_T2)).GetPixelID() != sitk.sitkFloat32
+    native.close()
+    s.close()
+
+
+def test_painted_slab_survives_real_engine_clicks(engine, spine):
+    """With the real engine's patches: a slab painted before the session keeps
+    every voxel through clicks, undo and reset."""
+    from FastSAM3DLib.slicer_bridge import SegmentEditorLogicWriter, SegmentSession, read_segment
+    from FastSAM3DLib.roi import MaskPatch
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    painter = SegmentEditorLogicWriter(seg, sid, vol)
+    painter.apply(MaskPatch((24, 16, 5), np.ones((3, 22, 50), bool)))
+    painter.close()
+    slab = read_segment(seg, sid, vol).copy()
+    assert slab.sum() == 3300
+    s = SegmentSession(vol, seg, sid, engine=engine)
+    predicted = np.zeros_like(slab)
+    erased = np.zeros_like(slab)                  # taken by negative clicks from what they un-predicted
+    for ijk, positive in [((30, 27, 26), True), ((34, 27, 26), False), ((28, 30, 25), True)]:
+        s.add_click(centre(vol, ijk), positive)
+        now = s.engine_session.mask()
+        if not positive:
+            erased |= slab & predicted & ~now
+        predicted = now.copy()
+        assert predicted.any()
+        np.testing.assert_array_equal(read_segment(seg, sid, vol), (slab & ~erased) | predicted)
+    s.undo()
+    s.reset()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab)
+    s.close()

@@ -183,3 +183,151 @@ def test_default_export_directory(module):
     scene, logics = make_mrml_env()
     vol = load_volume(logics, CT_ABDOMEN, "ct")
     assert module.FastSAM3DLogic.defaultExportDirectory(vol) == str(CT_ABDOMEN.parent)
+
+
+# -- behaviour that replaced checks of strings in the source ----------------------------
+def test_module_imports_without_torch_and_installs_only_from_setup(tmp_path, monkeypatch):
+    """FastSAM3D.py imports with torch unavailable (it is installed on first use);
+    missing requirements are installed by setupPythonRequirements, on the calling
+    (main) thread, once; a click afterwards installs nothing."""
+    import threading
+    modules, app = _shim_modules(tmp_path)
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    torch = sys.modules.get("torch")
+    monkeypatch.setitem(sys.modules, "torch", None)             # import torch -> ImportError
+    spec = importlib.util.spec_from_file_location("FastSAM3D_without_torch", ROOT / "FastSAM3D" / "FastSAM3D.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    installs = []
+    monkeypatch.setattr(slicer, "packaging", types.SimpleNamespace(
+        pip_check=lambda requirement: requirement.startswith("safetensors"),
+        pip_ensure=lambda reqs, **kw: installs.append((list(reqs), threading.current_thread()))), raising=False)
+    logic = mod.FastSAM3DLogic()
+    monkeypatch.setattr(logic, "_requirements", lambda: ["safetensors>=0.4", "not-installed-yet>=1"])
+    assert logic.setupPythonRequirements(askConfirmation=False)
+    assert installs == [(["not-installed-yet>=1"], threading.current_thread())]
+    assert logic.setupPythonRequirements() and len(installs) == 1
+
+
+def _effect_class(tmp_path, monkeypatch):
+    modules, app = _shim_modules(tmp_path)
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    effects = types.ModuleType("SegmentEditorEffects")
+
+    class AbstractScriptedSegmentEditorEffect:
+        def __init__(self, scriptedEffect):
+            self.scriptedEffect = scriptedEffect
+    effects.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    effects.__all__ = ["AbstractScriptedSegmentEditorEffect"]
+    monkeypatch.setitem(sys.modules, "SegmentEditorEffects", effects)
+    qt = modules["qt"]
+    qt.QApplication = types.SimpleNamespace(setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None)
+    qt.Qt = types.SimpleNamespace(WaitCursor=0)
+    monkeypatch.setattr(slicer, "qSlicerSegmentEditorAbstractEffect", types.SimpleNamespace(
+        ModificationModeAdd=slicer.vtkSlicerSegmentEditorLogic.ModificationModeAdd,
+        ModificationModeRemove=slicer.vtkSlicerSegmentEditorLogic.ModificationModeRemove), raising=False)
+    spec = importlib.util.spec_from_file_location(
+        "SegmentEditorEffect", ROOT / "FastSAM3D" / "SegmentEditorFastSAM3DLib" / "SegmentEditorEffect.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.SegmentEditorEffect
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_effect_apply_keeps_the_segment_unless_replace(tmp_path, monkeypatch, replace):
+    """The effect's Apply (one Segment Editor undo state, then the modifier
+    labelmaps) adds the preview to a segment with painted content; with
+    "Replace" the preview replaces the segment inside its region."""
+    from FastSAM3DLib.slicer_bridge import SegmentEditorLogicWriter, SegmentSession, read_segment
+    from FastSAM3DLib.slicer_bridge.geometry import oriented_image, world_ijk_to_ras
+    from mrml_env import FakeEngine, MaskPatch, engine_image
+    Effect = _effect_class(tmp_path, monkeypatch)
+    scene, logics = make_mrml_env()
+    vol = load_volume(logics, SPINE_T2, "t2")
+    seg, (target,) = new_segmentation(scene, vol, ("target",))
+    painter = SegmentEditorLogicWriter(seg, target, vol)
+    painter.apply(MaskPatch((24, 16, 5), np.ones((3, 22, 50), bool)))        # a painted slab
+    painter.close()
+    slab = read_segment(seg, target, vol).copy()
+
+    calls = []
+    editor_logic = slicer.vtkSlicerSegmentEditorLogic()
+    editor_logic.SetMRMLScene(scene)
+    editor_logic.SetSegmentEditorNode(scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode"))
+    editor_logic.SetSegmentationNode(seg)
+    editor_logic.SetSourceVolumeNode(vol)
+
+    class ScriptedEffect:
+        def parameterSetNode(self):
+            return types.SimpleNamespace(GetSelectedSegmentID=lambda: target, SetSelectedSegmentID=lambda s: None)
+
+        def defaultModifierLabelmap(self):
+            return oriented_image(np.zeros((1, 1, 1)), (0, 0, 0), world_ijk_to_ras(vol))
+
+        def saveStateForUndo(self):
+            calls.append("undo state")
+
+        def modifySelectedSegmentByLabelmap(self, labelmap, mode, extent):
+            calls.append(mode)
+            editor_logic.ModifySegmentByLabelmap(seg, target, labelmap, mode, extent, False, True)
+
+    effect = Effect(ScriptedEffect())
+    preview = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "preview")
+    preview.SetReferenceImageGeometryParameterFromVolumeNode(vol)
+    preview_id = preview.GetSegmentation().AddEmptySegment("", "preview")
+    engine = FakeEngine(5.0)
+    session = SegmentSession(vol, preview, preview_id, engine=engine, image=engine_image(vol))
+    session.add_click((world_ijk_to_ras(vol) @ [30, 27, 26, 1])[:3])
+    predicted = session.engine_session.mask().copy()
+    effect.session, effect.previewNode, effect.previewSegmentId = session, preview, preview_id
+    effect._target = (seg, target, vol)
+    effect.protectCheckBox = types.SimpleNamespace(checked=True)
+    effect.replaceCheckBox = types.SimpleNamespace(checked=replace)
+    effect.onApply()
+    E = slicer.vtkSlicerSegmentEditorLogic
+    after = read_segment(seg, target, vol)
+    if replace:
+        assert calls == ["undo state", E.ModificationModeRemove, E.ModificationModeAdd]
+        np.testing.assert_array_equal(after & predicted, predicted)
+        assert (slab & ~after).any()                       # the region was cleared first
+    else:
+        assert calls == ["undo state", E.ModificationModeAdd]
+        np.testing.assert_array_equal(after, slab | predicted)
+    assert effect.previewNode is None and preview.GetScene() is None
+
+
+def test_effect_module_registers_the_effect_file(tmp_path, monkeypatch):
+    modules, app = _shim_modules(tmp_path)
+    for name, mod in modules.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    connected = []
+    app.connect = lambda signal, slot: connected.append((signal, slot))
+    monkeypatch.setattr(slicer, "app", app, raising=False)
+    registered = []
+
+    class ScriptedEffect:
+        def __init__(self, parent):
+            pass
+
+        def setPythonSource(self, path):
+            registered.append(Path(path))
+
+        def self(self):
+            return types.SimpleNamespace(register=lambda: registered.append("registered"))
+    monkeypatch.setitem(sys.modules, "qSlicerSegmentationsEditorEffectsPythonQt",
+                        types.SimpleNamespace(qSlicerSegmentEditorScriptedEffect=ScriptedEffect))
+    spec = importlib.util.spec_from_file_location("SegmentEditorFastSAM3D", ROOT / "FastSAM3D" / "SegmentEditorFastSAM3D.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    parent = types.SimpleNamespace()
+    module = mod.SegmentEditorFastSAM3D(parent)
+    assert parent.hidden is True
+    assert connected and connected[0][0] == "startupCompleted()"
+    connected[0][1]()
+    assert registered[0] == ROOT / "FastSAM3D" / "SegmentEditorFastSAM3DLib" / "SegmentEditorEffect.py"
+    assert registered[0].is_file() and registered[1] == "registered"
+    assert issubclass(mod.SegmentEditorFastSAM3DTest, unittest.TestCase) and module is not None

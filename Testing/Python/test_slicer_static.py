@@ -108,37 +108,29 @@ def test_module_has_the_four_classes_and_scoped_shortcuts():
     assert "runTest" in test_methods and any(m.startswith("test_") for m in test_methods)
 
 
-def test_effect_shape():
-    tree = _tree(EFFECT_PY)
-    effect = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "SegmentEditorEffect")
-    assert [getattr(b, "id", None) for b in effect.bases] == ["AbstractScriptedSegmentEditorEffect"]
-    methods = {f.name for f in effect.body if isinstance(f, ast.FunctionDef)}
-    assert {"clone", "icon", "helpText", "setupOptionsFrame", "setMRMLDefaults", "updateGUIFromMRML",
-            "updateMRMLFromGUI", "processInteractionEvents", "onApply", "onCancel", "deactivate"} <= methods
-    source = EFFECT_PY.read_text(encoding="utf-8")
-    assert 'scriptedEffect.name = "FastSAM3D"' in source
-    assert "modifySelectedSegmentByLabelmap" in source and "saveStateForUndo" in source
-    reg = EFFECT_MODULE_PY.read_text(encoding="utf-8")
-    assert "self.parent.hidden = True" in reg and "class SegmentEditorFastSAM3D(ScriptedLoadableModule)" in reg
-    assert 'self.__class__.__name__ + "Lib/SegmentEditorEffect.py"' in reg and "instance.self().register()" in reg
-    assert "class SegmentEditorFastSAM3DTest(ScriptedLoadableModuleTest)" in reg
+def _torch_floor(specifier) -> "Version":
+    from packaging.version import Version
+    floors = [Version(s.version) for s in specifier if s.operator in (">=", "~=", "==")]
+    assert len(floors) == 1, f"one lower bound expected in {specifier}"
+    return floors[0]
 
 
-def test_no_pip_or_install_from_the_worker_and_torch_lazy():
-    """Installing happens in setupPythonRequirements (main thread); no module-level torch import."""
-    for path in SLICER_ONLY:
-        tree = _tree(path)
-        top = _imports(ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
-                                  type_ignores=[]))
-        assert not any(n == "torch" or n.startswith("torch.") for n in top), path
-        assert not any(n.startswith("FastSAM3DLib") for n in top), f"{path}: import FastSAM3DLib lazily"
-    src = MODULE_PY.read_text(encoding="utf-8")
-    assert src.count("pip_install") + src.count("pip_ensure") >= 2
-    logic = next(n for n in _tree(MODULE_PY).body if isinstance(n, ast.ClassDef) and n.name == "FastSAM3DLogic")
-    installers = {f.name for f in logic.body if isinstance(f, ast.FunctionDef)
-                  and any(k in ast.unparse(f) for k in ("pip_install", "pip_ensure", "installTorch"))}
-    assert installers == {"setupPythonRequirements"}
-    assert "worker.submit(self.logic.setupPythonRequirements" not in src
+def test_torch_floor_is_the_same_everywhere_and_has_safe_globals():
+    """pyproject.toml and the Slicer module's TORCH_REQUIREMENT declare one floor,
+    high enough for torch.serialization.safe_globals (torch 2.5), which reading
+    official .pth checkpoints needs."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    torch_reqs = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "torch"]
+    assert len(torch_reqs) == 1
+    m = re.search(r'TORCH_REQUIREMENT = "([^"]+)"', MODULE_PY.read_text(encoding="utf-8"))
+    module_floor = _torch_floor(Requirement("torch" + m.group(1)).specifier)
+    assert _torch_floor(torch_reqs[0].specifier) == module_floor
+    assert module_floor >= Version("2.5"), "torch.serialization.safe_globals needs torch >= 2.5"
+    import torch
+    assert hasattr(torch.serialization, "safe_globals")
 
 
 def test_requirements_and_torch_bounds():

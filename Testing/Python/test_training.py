@@ -19,7 +19,7 @@ from FastSAM3DLib.model import DecoderConfig, EncoderConfig, ModelConfig, Sam3D
 from FastSAM3DLib.model.config import DEFAULT_COMPACT
 from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
-                                        RunConfig, learning_rate_factor, run)
+                                        RunConfig, learning_rate_factor, loader_batches, run)
 from FastSAM3DLib.training.losses import dice_bce_loss, batch_dice
 from FastSAM3DLib.training.train import DataConfig, InteractionConfig, TrainConfig, build_training
 
@@ -151,10 +151,10 @@ def _run_training(config: TrainConfig, dataset=None) -> dict:
     given dataset without augmentation; the result holds the task."""
     context = DistributedContext.start(config.run.device)
     try:
-        task, real_dataset, augment = build_training(config, context)
+        task, batches = build_training(config, context)
         if dataset is not None:
-            real_dataset, augment = dataset, no_augmentation
-        return run(task, real_dataset, augment, config.run, context) | {"task": task}
+            batches = loader_batches(dataset, no_augmentation, config.run, context)
+        return run(task, batches, config.run, context) | {"task": task}
     finally:
         context.stop()
 

@@ -167,15 +167,16 @@ def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
     import asyncio
     import threading
     segmenter, views, received = web
+    from FastSAM3DLib.slicer_bridge import Operation
     threads = []
-    compute = type(segmenter.session(create=True)).compute_click
+    compute = Operation.compute
 
-    def spy(self, ras, positive=True):
+    def spy(self):
         threads.append(threading.current_thread().name)
-        return compute(self, ras, positive)
+        return compute(self)
 
     async def run():
-        type(segmenter.session()).compute_click = spy
+        Operation.compute = spy
         try:
             views.click(200, 150)                  # both clicks arrive before either is done
             views.click(206, 150, button="Right")
@@ -183,7 +184,7 @@ def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
             assert isinstance(undo, asyncio.Task) and segmenter.revision == 0
             await asyncio.gather(*list(segmenter._tasks))
         finally:
-            type(segmenter.session()).compute_click = compute
+            Operation.compute = compute
 
     asyncio.run(run())
     assert threads and all(name.startswith("FastSAM3D-web-engine") for name in threads)
@@ -288,6 +289,62 @@ def test_app_page_and_state(ct_path, tiny_engine):
                     "fs3d-export", "fs3d-upload", "fs3d-segments"):
         assert f'id="{element}"' in page
     app.segmenter.close()
+
+
+def test_upload_limit_is_enforced_before_content_is_read(ct_path, tiny_engine, tmp_path):
+    """The declared size decides before any content is decoded or written; the
+    app's limit (``--max-upload-mb``) applies to the whole upload."""
+    from trame.app import get_server
+    from FastSAM3DLib.web.app import FastSAM3DWebApp
+
+    class Unreadable(dict):
+        def get(self, key, default=None):
+            if key == "content":
+                raise AssertionError("content read although the declared size is over the limit")
+            return super().get(key, default)
+    with pytest.raises(UploadError, match="larger than 1 MiB"):
+        save_uploads([Unreadable(name="big.nii.gz", size=2 * 1024 ** 2)], tmp_path, max_bytes=1024 ** 2)
+    assert not list(tmp_path.iterdir())
+    server = get_server("fastsam3d-web-limit-test", client_type="vue3")
+    app = FastSAM3DWebApp(server, engine=tiny_engine, max_upload_bytes=1024 ** 2)
+    data = ct_path.read_bytes()
+    assert len(data) > 1024 ** 2
+    app.upload([{"name": "ct.nii.gz", "size": len(data), "content": data}])
+    assert state_error(app) == "the upload is larger than 1 MiB" == app.state.upload_limit_error
+    assert app.state.upload_limit == 1024 ** 2 and app.state.volumes == []
+    assert "upload_limit" in app.ui.html                       # the page refuses it before sending too
+    app.segmenter.close()
+
+
+def state_error(app):
+    return app.state.upload_error
+
+
+def test_a_browser_disconnecting_logs_one_line_not_a_traceback(capsys):
+    import logging
+    from aiohttp import ClientConnectionResetError
+    from FastSAM3DLib.web.app import DISCONNECTED, quiet_disconnects
+    previous = logging.getLogRecordFactory()
+    quiet_disconnects()
+    quiet_disconnects()                                        # once only
+    handler = logging.StreamHandler()
+    log = logging.getLogger("wslink.protocol.test")
+    log.addHandler(handler)
+    try:
+        try:
+            raise ClientConnectionResetError("Cannot write to closing transport")
+        except ClientConnectionResetError:
+            log.exception("Exception raised")
+        try:
+            raise ValueError("a real error")
+        except ValueError:
+            log.exception("Exception raised")
+    finally:
+        log.removeHandler(handler)
+        logging.setLogRecordFactory(previous)
+    err = capsys.readouterr().err
+    assert err.count("Traceback") == 1 and "ValueError: a real error" in err     # real errors keep theirs
+    assert err.splitlines()[0] == DISCONNECTED and "closing transport" not in err
 
 
 def test_web_command_defaults_to_loopback():
