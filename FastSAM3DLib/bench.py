@@ -251,16 +251,28 @@ class Bench:
         if name not in self.models:
             self.models[name] = self.model(name).eval().to(dev)
         model = self.models[name]
-        size = model.config.encoder.img_size
         sets = {n: self.inputs(model.config, n) for n in (1, 4)}
         truth = self.truth.setdefault(name, {})
         for variant in variants:
             if self.over_budget(f"{name} {variant.name}"):
                 continue
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(dev)
-            runner = variant.runner(model, dev)
+            try:
+                self.run_variant(name, model, variant, sets, truth)
+            except Exception as exc:              # one failing variant must not lose the others' rows
+                self.skipped[f"{name} {variant.name}"] = f"failed: {type(exc).__name__}: {exc}"
+                print(f"{name} {variant.name} failed: {type(exc).__name__}: {exc}", flush=True)
+        if a.reference and "reference" not in truth:
+            truth["reference"] = True
+            self.run_reference(name, model, sets[1], truth)
+
+    def run_variant(self, name: str, model: Sam3D, variant: Variant, sets: dict, truth: dict) -> None:
+        a, dev = self.args, self.device
+        size = model.config.encoder.img_size
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        runner = variant.runner(model, dev)
+        try:
             embeddings = [runner.encode(v) for v, *_ in sets[1]]
             if variant == EAGER_FP32:
                 truth["embedding"] = embeddings
@@ -284,10 +296,8 @@ class Bench:
             self.add(Row(name, "decoder + 128^3 upsample", variant.name, ms, p90))
             if dev.type == "cuda":
                 encoder_row.peak_mb = torch.cuda.max_memory_allocated(dev) / 2 ** 20
+        finally:
             runner.release()
-        if a.reference and "reference" not in truth:
-            truth["reference"] = True
-            self.run_reference(name, model, sets[1], truth)
 
     def run_reference(self, name: str, model: Sam3D, sets: list, truth: dict) -> None:
         try:
@@ -305,8 +315,11 @@ class Bench:
         self.add(Row(name, "decoder, 1 point", "reference fp32", ms, p90, rel_max(ref.decode(*args[0])[0],
                                                                                  truth[1])))
 
-    def run_engine(self, name: str, model: Sam3D) -> None:
-        """Click-to-mask through the Engine, and the paste-back alone (SimpleITK)."""
+    def run_engine(self) -> None:
+        """Click-to-mask through the Engine, and the paste-back alone (SimpleITK),
+        for the first model."""
+        name = self.args.models[0]
+        model = self.models[name]
         try:
             import SimpleITK as sitk
 
@@ -408,10 +421,13 @@ class Bench:
         variants = CUDA_VARIANTS if self.device.type == "cuda" else (EAGER_FP32,)
         for name in a.models:
             self.run_model(name, variants)
-        if a.engine:
-            self.run_engine(a.models[0], self.models[a.models[0]])
-        if a.cases:
-            self.run_cases()
+        for stage, wanted, run in (("engine and paste-back", a.engine, self.run_engine),
+                                   ("real cases", a.cases, self.run_cases)):
+            try:
+                if wanted:
+                    run()
+            except Exception as exc:              # report it; the other rows stay
+                self.skipped[stage] = f"failed: {type(exc).__name__}: {exc}"
         if a.compile and self.device.type == "cuda":       # last: the slowest to set up
             self.run_model(a.models[0], COMPILED_VARIANTS)
         return {"environment": environment(self.device), "arguments": vars(self.args),
