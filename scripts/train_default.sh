@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# How the bundled default model is trained (see Resources/models/README.md).
+#   1. here (needs SimpleITK): one compact pack of every training case and label map;
+#   2. on a GPU machine (numpy + torch are enough): interactive training from the pack.
+# A session's GPU time holds one ~8-minute run; each run continues from the last run's weights
+# with a fresh optimiser and a short warm-up (the weights travel, the optimiser state does not).
+#   scripts/train_default.sh pack            -> .gpu/train.pack, .gpu/maps.pack
+#   scripts/train_default.sh train INIT OUT  -> OUT/model.safetensors (on the GPU machine)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+data=${DATA:-../shared/data}
+python=${PYTHON:-python3}
+case "${1:?usage: scripts/train_default.sh pack | train INIT OUT}" in
+pack)
+    mkdir -p .gpu
+    # The validation cases (top level of the data folder) are never packed: the training manifest
+    # marks them "stored_in_train_folder": false. Label maps: a subset, so that both packs and a
+    # checkout fit one 64 MiB transfer to the GPU machine.
+    "$python" -m FastSAM3DLib.cli pack .gpu/train.pack "$data/train"
+    skip=()
+    for n in 09 10 11 12 13 14 15 16 17 18 19 20; do skip+=(--exclude "synthseg_training_seg_$n"); done
+    for n in 38 44 49 54; do skip+=(--exclude "brainweb_subject${n}_crisp"); done
+    "$python" -m FastSAM3DLib.cli pack .gpu/maps.pack "$data/label_maps" "${skip[@]}"
+    ;;
+train)
+    init=${2:?INIT weights}; out=${3:?OUT folder}
+    "$python" -m FastSAM3DLib.cli train --pack .gpu/train.pack --pack .gpu/maps.pack --box-prompts \
+        --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size 64 --steps "${STEPS:-940}" \
+        --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
+        --checkpoint-every 100000 --device cuda --no-progress
+    ;;
+*) echo "usage: scripts/train_default.sh pack | train INIT OUT" >&2; exit 2 ;;
+esac
