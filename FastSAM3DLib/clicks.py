@@ -37,8 +37,10 @@ class Click:
 
 
 def dice(a, b) -> float:
-    """Dice overlap 2|A∩B| / (|A| + |B|) of two masks; NaN when both are empty
-    (as the reference evaluation, spec 7.2 step 7)."""
+    """Evaluation Dice 2|A∩B| / (|A| + |B|) of two masks; NaN when both are empty
+    (undefined, as in the reference evaluation, spec 7.2 step 7; averages skip
+    it). Training's per-sample tensor version is ``training.losses.batch_dice``
+    (1.0 there)."""
     a, b = _as_mask(a), _as_mask(b)
     total = np.count_nonzero(a) + np.count_nonzero(b)
     if total == 0:

@@ -35,11 +35,10 @@ import torch
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .acceleration import logits_to_patch_fast
 from .atomic import atomic_output_path
 from .clicks import dice, simulate_click
 from .image import ImageError, _index_to_lps_affine, load_image, lps_to_continuous_index, point_to_lps
-from .roi import ROI_DIRECTION, RoiGeometry, patch_to_full, roi_for_point
+from .roi import ROI_DIRECTION, RoiGeometry, logits_to_patch, patch_to_full, roi_for_point
 
 REPORTED_CLICKS = (1, 3, 5, 10)
 METHODS = ("model", "sphere")
@@ -309,10 +308,10 @@ def crop_coverage(image: sitk.Image, gt: np.ndarray, roi: RoiGeometry) -> float:
 def resolution_ceiling(image: sitk.Image, gt: np.ndarray, roi: RoiGeometry, low_res_size: int,
                        distance: SignedDistance | None = None) -> float:
     """Dice of the perfect low-res logits after the engine's own upsampling
-    and paste-back (``logits_to_patch_fast``: trilinear to the ROI, evaluated
+    and paste-back (``roi.logits_to_patch``: trilinear to the ROI, evaluated
     at the image's voxel centres) and thresholding at 0."""
     distance = SignedDistance(image, gt) if distance is None else distance
-    patch = logits_to_patch_fast(image, roi, perfect_logits(distance, roi, low_res_size))
+    patch = logits_to_patch(image, roi, perfect_logits(distance, roi, low_res_size))
     return dice(patch_to_full(image, patch), gt)
 
 

@@ -204,8 +204,8 @@ def logits_on_image(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.T
     Each value is what the reference pipeline reads at that point of its
     upsampled mask, ``F.interpolate(logits, size^3, trilinear,
     align_corners=False)``, interpolated continuously (no staircase). Done with
-    ``grid_sample`` rather than SimpleITK so the logits stay on their device
-    (GPU) and the border handling matches ``F.interpolate`` exactly.
+    torch rather than SimpleITK so the logits stay on their device (GPU) and the
+    border handling matches ``F.interpolate`` exactly.
     """
     logits = low_res_logits.detach().float()
     if logits.dim() == 5 and logits.shape[:2] == (1, 1):
@@ -218,12 +218,17 @@ def logits_on_image(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.T
         return torch.empty((0, 0, 0), device=logits.device)
     start_kji, stop_kji = (np.asarray(b, dtype=int) for b in box)
 
-    # Image index (i, j, k) -> ROI voxel u = M @ ijk + t -> grid_sample's normalised
-    # coordinate 2 (u + 0.5) / size - 1 (align_corners=False). That equals F.interpolate's
-    # source position at any low-res size, and "border" padding equals its edge clamping.
+    # Image index (i, j, k) -> ROI voxel u = linear @ ijk + offset -> the normalised
+    # coordinate 2 (u + 0.5) / size - 1 of grid_sample (align_corners=False). That equals
+    # F.interpolate's source position at any low-res size, and "border" padding equals its
+    # edge clamping.
     direction = np.array(image.GetDirection()).reshape(3, 3)
     linear = ROI_DIRECTION[:, None] * (direction * np.array(image.GetSpacing())) / roi.spacing
     offset = ROI_DIRECTION * (np.array(image.GetOrigin()) - roi.origin_lps) / roi.spacing
+    if logits.device.type == "cpu":
+        values = _separable_values(logits, roi.size, linear, offset, start_kji, stop_kji)
+        if values is not None:
+            return values
     scale = 2.0 / roi.size
     # grid_sample's last axis is (x, y, z) = (tensor axis 2, 1, 0).
     to_grid = torch.tensor((scale * linear)[::-1].copy(), dtype=torch.float32, device=logits.device)
@@ -247,6 +252,41 @@ def logits_on_image(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.T
         inside = (grid.abs() <= 1 + 1e-6).all(dim=-1)
         chunks.append(values.masked_fill(~inside, float("-inf")))
     return torch.cat(chunks, dim=0)
+
+
+def _separable_values(logits: torch.Tensor, size: int, linear: np.ndarray, offset: np.ndarray,
+                      start_kji: np.ndarray, stop_kji: np.ndarray) -> torch.Tensor | None:
+    """``logits_on_image``'s values for an image whose axes map one-to-one onto
+    the ROI's (a signed permutation, no obliquity; None otherwise): trilinear
+    interpolation is then a product of three 1D linear interpolations, i.e.
+    three small matrix products (on the CPU 10 x faster than grid_sample; float
+    rounding aside the same values, and the same inside test per axis)."""
+    big = np.abs(linear) > 1e-9 * np.abs(linear).max()
+    if not (big.sum(axis=0) == 1).all() or not (big.sum(axis=1) == 1).all():
+        return None
+    s = logits.shape[0]
+    weights, inside, subscripts = [None] * 3, [None] * 3, [None] * 3
+    for r in range(3):                                   # ROI (logits) axis r
+        component = int(np.flatnonzero(big[r])[0])       # image index component: 0 = i, 1 = j, 2 = k
+        dim = 2 - component                              # its array axis in (k, j, i)
+        t = np.arange(start_kji[dim], stop_kji[dim], dtype=np.float64)
+        n = (2.0 * (linear[r, component] * t + offset[r]) + 1.0) / size - 1.0
+        u = np.clip(((n + 1.0) * s - 1.0) / 2.0, 0.0, s - 1.0)
+        lo = np.floor(u).astype(np.int64)
+        hi = np.minimum(lo + 1, s - 1)
+        w = np.zeros((t.size, s), dtype=np.float32)
+        rows = np.arange(t.size)
+        np.add.at(w, (rows, lo), 1.0 - (u - lo))
+        np.add.at(w, (rows, hi), u - lo)
+        weights[r] = torch.from_numpy(w)
+        inside[dim] = torch.from_numpy(np.abs(n) <= 1.0 + 1e-6)
+        subscripts[r] = "kji"[dim]
+    expr = f"xyz,{subscripts[0]}x,{subscripts[1]}y,{subscripts[2]}z->kji"
+    values = torch.einsum(expr, logits, *weights)
+    if all(bool(axis.all()) for axis in inside):        # the usual case: a box inside the ROI
+        return values
+    within = inside[0][:, None, None] & inside[1][None, :, None] & inside[2][None, None, :]
+    return values.masked_fill(~within, float("-inf"))
 
 
 def logits_to_patch(image: sitk.Image, roi: RoiGeometry, low_res_logits: torch.Tensor,

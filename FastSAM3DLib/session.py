@@ -33,13 +33,13 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .acceleration import engine_fast_path, logits_to_patch_fast
+from .acceleration import ModelRunner
 from .build import build_model, resolve_device
 from .image import (ImageError, bounding_box, format_numbers, is_inside, load_image, point_to_lps,
                     validate_image)
 from .model import Sam3D
-from .roi import (MaskPatch, RoiGeometry, extract_roi, positive_box_on_image, roi_box_on_image,
-                  roi_for_point)
+from .roi import (MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image,
+                  roi_box_on_image, roi_for_point)
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -341,7 +341,10 @@ class Engine:
     """Model + device + embedding cache, shared by the sessions of an application.
 
     Thread-safe: every model call and cache access holds one lock, so a GUI
-    may run clicks on a worker thread.
+    may run clicks on a worker thread. Model calls go through a ``ModelRunner``
+    (on CUDA: CUDA-graph replays, ``compile``: torch.compile first); ``paster``
+    (image, roi, low-res logits, box) -> MaskPatch evaluates a crop's mask on
+    the image grid (``roi.logits_to_patch``; the bench injects its own).
 
     spacing: the sessions' default crop spacing, kept as ``spacing_setting`` (see ``RoiPolicy``):
     "auto", "fixed" or mm; None: "auto" for a model trained across spacings
@@ -356,8 +359,8 @@ class Engine:
 
     def __init__(self, model: str | Sam3D = "default", device: str = "auto",
                  precision: str = "auto", checkpoint=None, cache_bytes: int = 512 << 20,
-                 image_cache_bytes: int = 2 << 30, cpu_fallback: bool = True,
-                 fast: bool | str = "auto", spacing=None):
+                 image_cache_bytes: int = 2 << 30, cpu_fallback: bool = True, graphs: bool = True,
+                 compile: bool = False, paster=logits_to_patch, spacing=None):
         self.device = resolve_device(device)
         if isinstance(model, Sam3D):
             self.model = model.eval().to(self.device)
@@ -366,14 +369,9 @@ class Engine:
         self.precision = self._choose_precision(precision)
         self.spacing_setting = parse_spacing(spacing if spacing is not None else (
             "auto" if self.model.config.trained_spacing_range_mm is not None else "fixed"))
-        # Model calls go through the fast path (acceleration.py; fast="off": plain calls). On
-        # CUDA: CUDA graphs, bf16 encoder matrix products; its own bf16 copy of the encoder then
-        # serves, so the float32 master encoder waits on the CPU (for the CPU fallback).
-        self._fast_mode = fast
-        self._fast = engine_fast_path(self.model, self.device, self.precision, fast)
-        if self._fast is not None and self._fast.encoder is not self.model.image_encoder:
-            self.model.image_encoder.to("cpu")
-            torch.cuda.empty_cache()
+        self._runner_options = {"graphs": graphs, "compile": compile}
+        self.runner = self._new_runner()
+        self.paster = paster
         self.cpu_fallback = cpu_fallback
         self._cpu_engine: Engine | None = None
         self.encoder_calls = 0
@@ -385,6 +383,11 @@ class Engine:
         # path or id(source) -> (weakref to the source or the path, prepared image or None = the source)
         self._images: OrderedDict = OrderedDict()
         self._image_cache_bytes = image_cache_bytes
+
+    def _new_runner(self) -> ModelRunner:
+        # A half-precision engine runs its float32 decoder on TF32 tensor cores; fp32 is strict.
+        return ModelRunner(self.model, self.device, self.precision, tf32=self.precision != torch.float32,
+                           **self._runner_options)
 
     def _choose_precision(self, precision: str) -> torch.dtype:
         if precision == "auto":
@@ -483,10 +486,6 @@ class Engine:
         return [roi for ident, roi in self._cache if ident == id(image)]
 
     # -- model calls -------------------------------------------------------
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.precision,
-                              enabled=self.precision != torch.float32)
-
     def _run(self, fn):
         """Run a model call; a GPU failure (out of memory) becomes GpuFailure, or
         an EngineError when there is no CPU fallback."""
@@ -512,7 +511,8 @@ class Engine:
                 model.load_state_dict({k: v.detach().to("cpu") for k, v in self.model.state_dict().items()})
                 self._cpu_engine = Engine(model, device="cpu", cache_bytes=self._cache_bytes,
                                           image_cache_bytes=self._image_cache_bytes, cpu_fallback=False,
-                                          fast=self._fast_mode, spacing=self.spacing_setting)
+                                          paster=self.paster, spacing=self.spacing_setting,
+                                          **self._runner_options)
             return self._cpu_engine
 
     def embedding(self, image: sitk.Image, roi: RoiGeometry) -> tuple[torch.Tensor, bool]:
@@ -523,17 +523,8 @@ class Engine:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key], False
-            crop = extract_roi(image, roi)
-
-            def encode():
-                volume = torch.from_numpy(np.ascontiguousarray(crop))[None, None]
-                if self._fast is not None:
-                    return self._fast.encode(volume)
-                volume = volume.to(self.device)
-                with torch.inference_mode(), self._autocast():
-                    return self.model.encode(volume)
-
-            embedding = self._run(encode)
+            volume = torch.from_numpy(np.ascontiguousarray(extract_roi(image, roi)))[None, None]
+            embedding = self._run(lambda: self.runner.encode(volume))
             self.encoder_calls += 1
             self._watch(image)
             self._cache[key] = embedding
@@ -544,20 +535,10 @@ class Engine:
     def decode(self, embedding: torch.Tensor, points_voxel: np.ndarray, labels: np.ndarray,
                mask_logits: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         with self._lock:
-            def run():
-                if self._fast is not None:
-                    logits, iou = self._fast.decode(
-                        embedding, torch.as_tensor(points_voxel, dtype=torch.float32)[None],
-                        torch.as_tensor(labels, dtype=torch.int64)[None], mask_logits)
-                    return logits, float(iou[0, 0])
-                points = torch.as_tensor(points_voxel, dtype=torch.float32, device=self.device)[None]
-                lab = torch.as_tensor(labels, dtype=torch.int64, device=self.device)[None]
-                prompt = None if mask_logits is None else mask_logits.to(self.device)
-                with torch.inference_mode(), self._autocast():
-                    logits, iou = self.model.decode(embedding.to(self.device), points, lab, prompt)
-                return logits.float(), float(iou.float()[0, 0])
-
-            return self._run(run)
+            points = torch.as_tensor(points_voxel, dtype=torch.float32)[None]
+            lab = torch.as_tensor(labels, dtype=torch.int64)[None]
+            logits, iou = self._run(lambda: self.runner.decode(embedding, points, lab, mask_logits))
+            return logits, float(iou[0, 0])
 
 
 # -- one object ------------------------------------------------------------------
@@ -636,7 +617,7 @@ class InteractiveSession:
 
     # -- the mask from tiles ----------------------------------------------------
     def _paste(self, roi: RoiGeometry, logits: torch.Tensor, box) -> np.ndarray:
-        return logits_to_patch_fast(self.image, roi, logits, box).array
+        return self._calls.paster(self.image, roi, logits, box).array
 
     def _paint(self, base: MaskPatch | None, tiles) -> MaskPatch | None:
         """``base`` with one pass's tiles painted over it: inside their crops the

@@ -51,12 +51,13 @@ def relative_position_table(size: int, table: torch.Tensor) -> torch.Tensor:
     return table[coords[:, None] - coords[None, :] + size - 1]
 
 
-def decomposed_rel_pos_bias(q: torch.Tensor, grid: tuple[int, int, int],
-                            rel_d: torch.Tensor, rel_h: torch.Tensor,
-                            rel_w: torch.Tensor) -> torch.Tensor:
-    """Additive bias (B, heads, N, N) of the decomposed relative positions, from
-    the unscaled queries q (B, heads, N, d), exactly as the official weights
-    were trained.
+def relative_position_bias(q: torch.Tensor, grid: int, rel_d: torch.Tensor, rel_h: torch.Tensor,
+                           rel_w: torch.Tensor,
+                           query_shape: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """Additive bias (B, heads, qd*qh*qw, grid^3) of the decomposed relative
+    positions, from the unscaled queries q (B, heads, grid^3, d) of a cubic grid,
+    for the queries of its sub-grid ``[:qd, :qh, :qw]`` (default: all), exactly
+    as the official weights were trained.
 
     With per-axis terms t_d[a,b,c,k] = <q(a,b,c), Rd[a-k]>, t_h[a,b,c,k] =
     <q(a,b,c), Rh[b-k]>, t_w[a,b,c,k] = <q(a,b,c), Rw[c-k]>, the textbook
@@ -67,23 +68,26 @@ def decomposed_rel_pos_bias(q: torch.Tensor, grid: tuple[int, int, int],
 
         t_d[a,b,c,c'] + t_h[a,b,a',c'] + t_w[a,b,b',c']
 
-    (query voxels (a,b,a') and (a,b,b') appear, and only on cubic grids does
-    this broadcast at all). Every released checkpoint learned with this bias,
-    so it is reproduced here; outputs differ markedly without it.
+    (query voxels (a,b,a') and (a,b,b') appear, padded ones included, and only on
+    cubic grids does this broadcast at all). Every released checkpoint learned
+    with this bias, so it is reproduced here; outputs differ markedly without it.
     """
     b, h, n, d = q.shape
-    gd, gh, gw = grid
-    if not gd == gh == gw:
-        raise ValueError(f"relative positions need a cubic token grid, got {grid}")
-    r_q = q.reshape(b, h, gd, gh, gw, d)
-    t_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q, relative_position_table(gd, rel_d))
-    t_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q, relative_position_table(gh, rel_h))
-    t_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q, relative_position_table(gw, rel_w))
+    g = grid
+    if n != g ** 3:
+        raise ValueError(f"relative positions need a cubic token grid, got {n} tokens for side {g}")
+    qd, qh, qw = query_shape or (g, g, g)
+    r_q = q.reshape(b, h, g, g, g, d)
+    table_d, table_h, table_w = (relative_position_table(g, t) for t in (rel_d, rel_h, rel_w))
+    # Contiguous terms make the broadcast sum contiguous too (no copy of the large bias).
+    t_d = torch.einsum("bnxyzc,xkc->bnxyzk", r_q[:, :, :qd, :qh, :qw], table_d[:qd]).contiguous()  # [a,b,c,c']
+    t_h = torch.einsum("bnxyzc,ykc->bnxyzk", r_q[:, :, :qd, :qh], table_h[:qh]).contiguous()       # [a,b,a',c']
+    t_w = torch.einsum("bnxyzc,zkc->bnxyzk", r_q[:, :, :qd, :qh], table_w).contiguous()            # [a,b,b',c']
     # Index layout of the 7-D bias: (a, b, c, a', b', c') after (batch, head).
-    bias = (t_d[:, :, :, :, :, None, None, :]          # t_d[a,b,c,c']
-            + t_h[:, :, :, :, None, :, None, :]         # t_h[a,b,a',c'] (its 3rd axis sits at a')
-            + t_w[:, :, :, :, None, None, :, :])        # t_w[a,b,b',c'] (its 3rd axis sits at b')
-    return bias.reshape(b, h, n, n)
+    bias = (t_d[:, :, :, :, :, None, None, :]
+            + t_h[:, :, :, :, None, :, None, :]
+            + t_w[:, :, :, :, None, None, :, :])
+    return bias.reshape(b, h, qd * qh * qw, g ** 3)
 
 
 def dilated_segments(n_tokens: int, segment_length: int, dilation: int,
@@ -165,15 +169,31 @@ class Attention3D(nn.Module):
             self.rel_pos_w = nn.Parameter(torch.zeros(rows, self.head_dim))
         self.sparse_pairs = sparse_pairs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """x (B, D, H, W, C). ``window``: attend over a cubic window of that side
+        whose low corner x fills, the rest being window_partition's zero padding;
+        only x's queries are computed (SAM-Med3D: 8^3 tokens in a 14^3 window,
+        5.4 x less attention work for the same outputs)."""
         b, gd, gh, gw, c = x.shape
-        n = gd * gh * gw
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)       # (B, heads, N, hd)
+        heads, hd = self.num_heads, self.head_dim
+        qkv = self.qkv(x)
+        g = window or gd
+        trimmed = window is not None and (gd, gh, gw) != (g, g, g)
+        if trimmed:
+            # A zero token's qkv is the bias.
+            padded = self.qkv.bias.to(qkv.dtype).expand(b, g, g, g, 3 * c).clone()
+            padded[:, :gd, :gh, :gw] = qkv
+            qkv = padded
+        n = qkv.shape[1] * qkv.shape[2] * qkv.shape[3]
+        q, k, v = qkv.reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)   # (B, heads, N, hd)
         bias = None
         if self.use_rel_pos:
-            bias = decomposed_rel_pos_bias(q, (gd, gh, gw), self.rel_pos_d,
-                                           self.rel_pos_h, self.rel_pos_w)
+            if not gd == gh == gw and not trimmed:
+                raise ValueError(f"relative positions need a cubic token grid, got {(gd, gh, gw)}")
+            bias = relative_position_bias(q, g, self.rel_pos_d, self.rel_pos_h, self.rel_pos_w,
+                                          (gd, gh, gw))
+        if trimmed:
+            q = q.reshape(b, heads, g, g, g, hd)[:, :, :gd, :gh, :gw].reshape(b, heads, -1, hd)
         if self.sparse_pairs:
             out = sparse_attention(q, k, v, bias, self.sparse_pairs)
         else:

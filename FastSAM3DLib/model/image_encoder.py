@@ -7,17 +7,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import Attention3D
-from .common import LayerNorm3d, MLPBlock
+from .common import LayerNorm3d, MLPBlock, patchify
 from .config import EncoderConfig
 
 
 class PatchEmbed3D(nn.Module):
+    """Non-overlapping patches -> channels-last tokens. The stride = kernel
+    convolution (key ``proj``) runs as one matrix product over flattened patches."""
+
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
         super().__init__()
         self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).permute(0, 2, 3, 4, 1)          # (B, D, H, W, C)
+        p = self.proj.kernel_size[0]
+        if any(s % p for s in x.shape[2:]):
+            raise ValueError(f"the input sides {tuple(x.shape[2:])} must be multiples of the patch size {p}")
+        weight = self.proj.weight.reshape(self.proj.out_channels, -1)
+        return F.linear(patchify(x, p), weight, self.proj.bias)       # (B, D, H, W, C)
 
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
@@ -64,6 +71,8 @@ class EncoderBlock(nn.Module):
         if not self.window_size:
             return self.attn(x)
         size = x.shape[1:4]
+        if max(size) <= self.window_size and not self.attn.sparse_pairs:
+            return self.attn(x, window=self.window_size)        # one window holds the grid
         windows, padded = window_partition(x, self.window_size)
         return window_unpartition(self.attn(windows), self.window_size, padded, size)
 

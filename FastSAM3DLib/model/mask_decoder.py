@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import MLP, LayerNorm3d
+from .common import MLP, LayerNorm3d, up_conv_tokens
 from .config import DecoderConfig
 from .transformer import TwoWayTransformer
 
@@ -43,13 +43,18 @@ class MaskDecoder3D(nn.Module):
         _, c, d, h, w = src.shape
 
         hs, src = self.transformer(src, pos, tokens)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens]
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, d, h, w))
-        hyper_in = torch.stack([mlp(mask_tokens_out[:, i])
-                                for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1)
-        bu, cu, du, hu, wu = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(bu, cu, du * hu * wu)).reshape(bu, -1, du, hu, wu)
-        iou_pred = self.iou_prediction_head(iou_token_out)
         selected = slice(1, None) if multimask_output else slice(0, 1)
-        return masks[:, selected], iou_pred[:, selected]
+        # Only the selected masks' hypernetworks run.
+        mask_tokens_out = hs[:, 1:1 + self.num_mask_tokens][:, selected]
+        hyper_in = torch.stack([mlp(mask_tokens_out[:, i]) for i, mlp in
+                                enumerate(self.output_hypernetworks_mlps[selected])], dim=1)
+        upscaled = self._upscale(src.reshape(b, d, h, w, c))
+        bu, du, hu, wu, cu = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(bu, du * hu * wu, cu).transpose(1, 2)).reshape(bu, -1, du, hu, wu)
+        iou_pred = self.iou_prediction_head(hs[:, 0])
+        return masks, iou_pred[:, selected]
+
+    def _upscale(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``output_upscaling`` on channels-last tokens (B, g, g, g, C) -> (B, 4g, 4g, 4g, C/8)."""
+        up1, norm, act1, up2, act2 = self.output_upscaling
+        return act2(up_conv_tokens(up2, act1(norm.tokens(up_conv_tokens(up1, tokens)))))

@@ -36,7 +36,7 @@ from ..checkpoint import save_model
 from ..model import NAMED_CONFIGS, Sam3D
 from .interaction import decode_fp32, make_click_plan, sample_clicks
 from .loop import DistributedContext, RunConfig, Task, TrainingError, run, step_seed
-from .losses import hard_dice, relative_mse, sigmoid_kl
+from .losses import batch_dice, relative_mse, sigmoid_kl
 from .train import DataConfig, InteractionConfig, build_batch_source, initialise, resolve_model_config
 
 
@@ -182,7 +182,7 @@ class Distillation(nn.Module):
         for (points, labels, mask_prompt), target_logits in zip(prompts, teacher_logits):
             logits, _ = decode_fp32(student, embedding, points, labels, mask_prompt)
             logit_losses.append(sigmoid_kl(logits, target_logits))
-        agreement = hard_dice(logits.detach() > 0, target_logits > 0).mean()
+        agreement = batch_dice(logits.detach() > 0, target_logits > 0).mean()
         return embedding_loss, torch.stack(logit_losses).mean(), agreement
 
 

@@ -21,8 +21,10 @@ def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return soft_dice_loss(logits, target) + bce
 
 
-def hard_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice of binary masks per sample (B,); 1 where both are empty."""
+def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice of binary masks per sample, a (B,) tensor; 1.0 where both are empty
+    (they agree, and a training metric must stay finite). Evaluation scores
+    with ``clicks.dice`` instead, which is NaN there, as the reference's."""
     pred, target = pred.flatten(1).float(), target.flatten(1).float()
     total = pred.sum(1) + target.sum(1)
     return torch.where(total > 0, 2 * (pred * target).sum(1) / total.clamp_min(1), 1.0)

@@ -29,7 +29,7 @@ from ..model.config import DEFAULT_COMPACT
 from .interaction import (box_corners, decode_fp32, make_click_plan, sample_clicks, upsample_logits,
                           upsampling_matrix)
 from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
-from .losses import dice_bce_loss, hard_dice, hard_iou
+from .losses import dice_bce_loss, batch_dice, hard_iou
 from .pack import DataError, read_pack
 from .sampler import GpuCropSampler, SamplerConfig
 
@@ -149,8 +149,8 @@ class InteractiveTraining(nn.Module):
             total = total + dice_bce_loss(logits, target) + self.interaction.iou_loss_weight * iou_loss
             mask_prompt = low_res.detach()
             if first_dice is None:
-                first_dice = hard_dice(pred, target).mean()
-        return total / plan.steps, {"dice": hard_dice(pred, target).mean(), "dice_click1": first_dice}
+                first_dice = batch_dice(pred, target).mean()
+        return total / plan.steps, {"dice": batch_dice(pred, target).mean(), "dice_click1": first_dice}
 
 
 def _lr_scales(name: str, decoder_scale: float) -> float:

@@ -197,7 +197,7 @@ def test_a_gpu_failure_moves_only_that_session_to_the_cpu(spine):
         return original(volume)
 
     model.encode = encode
-    engine = Engine(model=model, device="cpu", fast="off")
+    engine = Engine(model=model, device="cpu")
     session = engine.new_session(image)
     with pytest.warns(UserWarning, match="continues on the CPU"):
         result = session.add_click(_cord_point_ras(image, cord))
@@ -208,27 +208,27 @@ def test_a_gpu_failure_moves_only_that_session_to_the_cpu(spine):
     other = engine.new_session(image).add_click(_cord_point_ras(image, cord, 0.3))
     assert not other.fell_back_to_cpu and state["calls"] == 2          # the engine's own model
     # The CPU copy computes what the model computes.
-    reference = Engine(model=Sam3D(model.config), device="cpu", fast="off")
+    reference = Engine(model=Sam3D(model.config), device="cpu")
     reference.model.load_state_dict(model.state_dict())
     expected = reference.new_session(image)
     expected.add_click(_cord_point_ras(image, cord))
     np.testing.assert_array_equal(on_the_copy, expected.mask())
 
     state["fail"] = 1
-    strict = Engine(model=model, device="cpu", fast="off", cpu_fallback=False)
+    strict = Engine(model=model, device="cpu", cpu_fallback=False)
     with pytest.raises(EngineError, match="out of memory"):
         strict.new_session(image).add_click(_cord_point_ras(image, cord))
     # Other errors are not mistaken for a GPU failure.
     model.encode = lambda volume: (_ for _ in ()).throw(RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        Engine(model=model, device="cpu", fast="off").new_session(image).add_click(_cord_point_ras(image, cord))
+        Engine(model=model, device="cpu").new_session(image).add_click(_cord_point_ras(image, cord))
 
 
 def test_caches_are_bounded_by_bytes_and_freed_with_their_image():
     import gc
 
     from oracle_model import oracle_model
-    engine = Engine(model=oracle_model(), device="cpu", fast="off", cache_bytes=int(2.5 * 32 ** 3 * 4))
+    engine = Engine(model=oracle_model(), device="cpu", cache_bytes=int(2.5 * 32 ** 3 * 4))
     array = np.zeros((200, 40, 40), np.int16)
     array[20:180, 15:25, 15:25] = 100
     image = image_from_array(array)

@@ -173,7 +173,12 @@ def test_top_level_cmake_ships_the_library():
     assert "find_package(Slicer REQUIRED)" in text and "include(${Slicer_USE_FILE})" in text
     assert "add_subdirectory(FastSAM3D)" in text
     assert text.rstrip().endswith("include(${Slicer_EXTENSION_CPACK})")
-    assert "CONFIGURE_DEPENDS FastSAM3DLib/*.py" in text
+    # the library files shipped are exactly those the module and effect import
+    shipped = set(_cmake_list(text, "FastSAM3DLib_PYTHON_SCRIPTS"))
+    globbed = re.search(r"file\(GLOB FastSAM3DLib_PACKAGES .*?CONFIGURE_DEPENDS (.*?)\)", text, re.S).group(1)
+    for pattern in globbed.split():
+        shipped |= {str(p.relative_to(ROOT)) for p in ROOT.glob(pattern)}
+    assert shipped == _library_files_the_module_imports()
     # resources the package declares for pip are shipped in the extension too
     pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     m = re.search(r"FastSAM3DLib = \[(.*?)\]", pyproject)
@@ -182,6 +187,40 @@ def test_top_level_cmake_ships_the_library():
             assert f"FastSAM3DLib/{pattern}" in text, pattern
     # nothing the library needs lives outside its folder
     assert not list(ROOT.glob("FastSAM3DLib*.py"))
+
+
+def _library_files_the_module_imports() -> set[str]:
+    """FastSAM3DLib files reachable by imports (any depth, lazy ones too) from the module's files."""
+    def module_file(name):
+        path = ROOT.joinpath(*name.split("."))
+        return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+    def imported(path):
+        names = set()
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                names |= {base} | {f"{base}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+        found = set()
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "FastSAM3DLib":
+                found |= {module_file(".".join(parts[:i])) for i in range(1, len(parts) + 1)}
+        return {p for p in found if p.is_file()}
+
+    todo, seen = set(SLICER_ONLY), set()
+    while todo:
+        path = todo.pop()
+        for dep in imported(path) - seen:
+            seen.add(dep)
+            todo.add(dep)
+    return {str(p.relative_to(ROOT)) for p in seen}
 
 
 def _png_size(path):

@@ -20,7 +20,7 @@ from FastSAM3DLib.model.config import DEFAULT_COMPACT
 from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
                                         RunConfig, learning_rate_factor, loader_batches, run)
-from FastSAM3DLib.training.losses import dice_bce_loss, hard_dice
+from FastSAM3DLib.training.losses import dice_bce_loss, batch_dice
 from FastSAM3DLib.training.train import DataConfig, InteractionConfig, TrainConfig, build_training
 
 TINY = ModelConfig(
@@ -132,7 +132,7 @@ def test_dice_bce_is_low_for_a_confident_right_answer():
     target = torch.zeros(2, 1, 8, 8, 8)
     target[:, :, 2:6, 2:6, 2:6] = 1
     assert dice_bce_loss(20 * (2 * target - 1), target) < 0.01 < dice_bce_loss(torch.zeros_like(target), target)
-    assert hard_dice(target > 0, target > 0).tolist() == [1.0, 1.0]
+    assert batch_dice(target > 0, target > 0).tolist() == [1.0, 1.0]
 
 
 # ----------------------------------------------------------------------------- runs

@@ -14,7 +14,7 @@ from oracle_model import NEGATIVE_RADIUS, oracle_model
 
 
 def _engine(**options):
-    return Engine(model=oracle_model(options.pop("trained", None)), device="cpu", fast="off", **options)
+    return Engine(model=oracle_model(options.pop("trained", None)), device="cpu", **options)
 
 
 @pytest.fixture(scope="module")
