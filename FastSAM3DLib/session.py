@@ -616,15 +616,15 @@ class InteractiveSession:
         return full
 
     # -- the mask from tiles ----------------------------------------------------
-    def _paste(self, roi: RoiGeometry, logits: torch.Tensor, box) -> np.ndarray:
-        return self._calls.paster(self.image, roi, logits, box).array
+    def _paste(self, roi: RoiGeometry, logits: torch.Tensor, box) -> MaskPatch:
+        return self._calls.paster(self.image, roi, logits.reshape(logits.shape[-3:]), box)
 
     def _paint(self, base: MaskPatch | None, tiles) -> MaskPatch | None:
         """``base`` with one pass's tiles painted over it: inside their crops the
         union of their masks, outside them ``base``. Only the boxes that can
         change are evaluated: each tile's positive box and base's box inside it."""
         base_box = None if base is None else (base.start_kji, base.stop_kji)
-        jobs = []
+        masks, covers = [], []                 # patches of the tiles' masks and of their coverage of base
         for tile in tiles:
             crop_box = roi_box_on_image(self.image, tile.roi)
             if crop_box is None:
@@ -632,28 +632,26 @@ class InteractiveSession:
             overlap = _box_intersection(base_box, crop_box)
             box = _box_union(positive_box_on_image(self.image, tile.roi, tile.logits), overlap)
             if box is not None:
-                jobs.append((tile, box, overlap))
+                masks.append(self._paste(tile.roi, tile.logits, box))
+            if overlap is not None:
+                covers.append(self._paste(tile.roi, torch.ones_like(tile.logits), overlap))
         out_box = base_box
-        for _, box, _ in jobs:
-            out_box = _box_union(out_box, box)
+        for patch in masks + covers:
+            out_box = _box_union(out_box, (patch.start_kji, patch.stop_kji))
         if out_box is None:
             return None
         start = out_box[0]
         shape = tuple(b - a for a, b in zip(*out_box))
-        array = np.zeros(shape, dtype=bool)
 
-        def region(box):
-            return tuple(slice(a - s, b - s) for a, b, s in zip(box[0], box[1], start))
-        if base is not None:
-            array[region(base_box)] = base.array
+        def layer(patches):
+            array = np.zeros(shape, dtype=bool)
+            for patch in patches:
+                array[tuple(slice(a - s, b - s) for a, b, s in zip(patch.start_kji, patch.stop_kji, start))] |= \
+                    patch.array
+            return array
         # Inside the crops base gives way: only its True voxels need the crops' coverage.
-        covered = np.zeros(shape, dtype=bool)
-        positive = np.zeros(shape, dtype=bool)
-        for tile, box, overlap in jobs:
-            positive[region(box)] |= self._paste(tile.roi, tile.logits, box)
-            if overlap is not None:
-                covered[region(overlap)] |= self._paste(tile.roi, torch.ones_like(tile.logits), overlap)
-        return _cropped(start, (array & ~covered) | positive)
+        kept = layer([base] if base is not None else []) & ~layer(covers)
+        return _cropped(start, kept | layer(masks))
 
     def _mask_of(self, tiles) -> MaskPatch | None:
         patch = None
