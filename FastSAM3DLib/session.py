@@ -325,6 +325,10 @@ def _object_box(clicks, mask_box_lps) -> np.ndarray:
     return np.stack([points.min(0), points.max(0)])
 
 
+def _box_corners(box_lps) -> np.ndarray:
+    return np.stack(np.meshgrid(*zip(box_lps[0], box_lps[1]), indexing="ij"), axis=-1).reshape(-1, 3)
+
+
 def _mask_box_lps(image: sitk.Image, patch: MaskPatch | None) -> np.ndarray | None:
     """(2, 3) LPS min/max of the patch's box (its corner voxel centres)."""
     if patch is None:
@@ -722,6 +726,11 @@ class InteractiveSession:
             tiles = [t for t in tiles if not any(_roi_within(t.roi, n.roi) for n in new)] + new
             # When the new crops hold every earlier one, the mask is theirs alone.
             patch = self._paint(None if len(tiles) == len(new) else patch, new)
+            # Earlier tiles that add nothing (the whole mask lies in one new crop) are dropped.
+            box = _mask_box_lps(self.image, patch)
+            if len(tiles) > len(new) and box is not None and any(
+                    all(t.roi.contains(c, 0) for c in _box_corners(box)) for t in new):
+                tiles = new
             ran, ious = [t.roi for t in new], pass_ious
             crops_run += ran
             next_pass += 1
