@@ -125,6 +125,7 @@ def test_refine_reruns_at_once_on_the_zoomed_crop():
     session = engine.new_session(_ball(6, 0.5))                  # refine: on by default
     result = session.add_click(_centre_ijk(session.image), space="ijk")
     assert [r.spacing for r in result.crops] == [1.5, 0.5] and result.encoder_runs == 2
+    assert [t.roi for t in session.tiles] == [result.crops[1]]   # the coarse tile adds nothing: dropped
     # The zoom pass got the first pass's logits carried over as its mask prompt.
     first, zoomed = engine.model.decoder_calls[-2:]
     carried = logits_for_crop([Tile(result.crops[0], first["logits"], 0)], result.crops[1], 32, "cpu")
