@@ -526,10 +526,7 @@ class WebSegmenter:
         self.editor.deactivate_effect()
         self.app.display_manager.show_volume_in_slice_background(None)
         for node in [*self._segmentations.values(), *self.volumes]:
-            parts = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
-            for part in [*parts, node.GetStorageNode(), node]:
-                if part is not None and part.GetScene() is not None:
-                    self.scene.RemoveNode(part)
+            self.scene.RemoveNode(node)        # MRML removes its display and storage nodes with it
         self._segmentations.clear()
         self.volumes.clear()
         self.volume = None
