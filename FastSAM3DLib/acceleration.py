@@ -10,6 +10,7 @@ reader finds in ``model/`` is the code that runs.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -132,7 +133,19 @@ class ModelRunner:
                     # One memory pool: graphs replay one at a time on one stream and
                     # their outputs are cloned, so they may share temporaries.
                     self._pool = torch.cuda.graph_pool_handle()
-                call = self._captured[key] = self.capture(fn, inputs, self._pool, self.warmup)
+                try:
+                    call = self.capture(fn, inputs, self._pool, self.warmup)
+                except torch.cuda.OutOfMemoryError:
+                    raise                     # the session's CPU fallback handles memory
+                except RuntimeError as exc:
+                    # A call that cannot be captured on this driver or build must not stop
+                    # segmentation: the same model calls run eagerly from now on.
+                    self.graphs = False
+                    self._captured.clear()
+                    warnings.warn(f"CUDA graph capture failed ({str(exc).splitlines()[0][:120]}); "
+                                  "running without CUDA graphs")
+                    return fn(*inputs)
+                self._captured[key] = call
             return call(*inputs)
 
     # -- public API ---------------------------------------------------------------

@@ -96,6 +96,26 @@ def test_capture_per_shape_with_static_buffers(tiny):
     assert not runner._captured
 
 
+class FailingCapture(CapturedCall):
+    """A capture that fails as an uncapturable kernel does."""
+
+    def _capture(self, fn, pool, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_a_failed_capture_runs_the_same_call_eagerly(tiny):
+    model, volume, embedding = tiny
+    runner = ModelRunner(model, "cpu")
+    runner.graphs, runner.capture = True, FailingCapture
+    points, labels, mask, multimask = _prompts(model)[0]
+    with torch.no_grad():
+        expected = model.decode(embedding, points, labels, mask, multimask=multimask)
+    with pytest.warns(UserWarning, match="capture failed"):
+        logits, iou = runner.decode(embedding, points, labels, mask, multimask=multimask)
+    assert _rel(logits, expected[0]) < 1e-6 and not runner.graphs
+    torch.testing.assert_close(runner.encode(volume), embedding, rtol=0, atol=0)
+
+
 def test_bf16_autocast_path_on_the_cpu(tiny):
     # The code a GPU runs, but the capture: autocast encoder and decoder, replays of
     # static buffers; float32 outputs within the accuracy rule's 2e-2 of the model.
