@@ -29,6 +29,7 @@ from trame_slicer.core import LayoutManager, SlicerApp                       # n
 from trame_slicer.rca_view import register_rca_factories                     # noqa: E402
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
+from . import exclusive                                                       # noqa: E402
 from .segmenter import EXPORT_FORMATS, WebSegmenter, safe_label               # noqa: E402
 from .uploads import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES, UploadError          # noqa: E402
 
@@ -36,6 +37,9 @@ from .uploads import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES, UploadError          # n
 CROP_SPACINGS = ("model default", "auto", "fixed", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0")
 
 FOUR_UP = "Four-Up"
+# What a browser session may have changed in the page, as a new session finds it.
+SESSION_DEFAULTS = {"tool_active": True, "negative": False, "export_format": EXPORT_FORMATS[0],
+                    "upload_error": "", "new_segment_name": ""}
 DISCONNECTED = "a browser disconnected during an update"
 
 
@@ -88,11 +92,15 @@ class FastSAM3DWebApp(TrameApp):
                                       show_3d_surfaces=show_3d_surfaces, spacing=spacing)
         self.segmenter.listeners.append(self.sync_state)
         self._loop = None
+        self.images = list(images)
+        # One browser session at a time; the scene is cleared when it ends.
+        self.session_guard = exclusive.ExclusiveSession(self.end_session)
+        exclusive.install(self.server, self.session_guard)
         self.state.update({
             "volumes": [], "active_volume": None, "segments": [], "active_segment": None,
-            "tool_active": True, "negative": False, "export_format": EXPORT_FORMATS[0],
+            **SESSION_DEFAULTS,
             "export_formats": list(EXPORT_FORMATS), "export_name": "segmentation.nii.gz",
-            "status": {}, "upload_error": "", "new_segment_name": "",
+            "status": {},
             "upload_accept": ",".join(UPLOAD_SUFFIXES),
             "upload_limit": self.max_upload_bytes,
             "upload_limit_error": f"the upload is larger than {self.max_upload_bytes // 1024 ** 2} MiB",
@@ -107,12 +115,24 @@ class FastSAM3DWebApp(TrameApp):
         self.state.change("export_format")(lambda **_: self.sync_state())
         self.ctrl.on_server_ready.add(self._on_server_ready)
         self._build_ui()
-        for image in images:
+        self._load_images()
+        future = self.segmenter.engine_future()        # load the model now, not at the first click
+        future.add_done_callback(self._engine_loaded)
+        self.sync_state()
+
+    def _load_images(self) -> None:
+        """The scans given on the command line (each session starts with them)."""
+        for image in self.images:
             self.segmenter.load_volume(image, show=False)
         if self.segmenter.volumes:
             self.segmenter.show_volume(self.segmenter.volumes[0])
-        future = self.segmenter.engine_future()        # load the model now, not at the first click
-        future.add_done_callback(self._engine_loaded)
+
+    def end_session(self) -> None:
+        """The browser session left: drop its scans, uploads, segments and page
+        inputs, then reload the command-line scans for the next session."""
+        self.segmenter.clear()
+        self.state.update(SESSION_DEFAULTS)
+        self._load_images()
         self.sync_state()
 
     # -- state -------------------------------------------------------------------

@@ -199,10 +199,14 @@ class WebSegmenter:
 
     # -- segments --------------------------------------------------------------
     def segment_ids(self) -> list[str]:
+        if self.volume is None:                # the editor may still hold a cleared segmentation
+            return []
         return list(self.editor.get_segment_ids())
 
     @property
     def segment_id(self) -> str:
+        if self.volume is None:
+            return ""
         return self.editor.get_active_segment_id() or ""
 
     def add_segment(self, name=None) -> str:
@@ -516,6 +520,36 @@ class WebSegmenter:
             return getattr(config, "name", "custom")
         name = str(self.model)
         return Path(name).name if ("/" in name or "\\" in name) else name
+
+    def clear(self) -> None:
+        """Forget every scan, segmentation, click and undo step: the scene as
+        before the first scan (the next browser session must see nothing of
+        the previous one). Operations still running are cancelled."""
+        for task in list(self._tasks):
+            task.cancel()
+        for handle in self._surface_jobs.values():
+            handle.cancel()
+        self._surface_jobs.clear()
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        self._history.clear()
+        self._redo.clear()
+        self.prompts.clear()
+        self.editor.deactivate_effect()
+        self.app.display_manager.show_volume_in_slice_background(None)
+        for node in [*self._segmentations.values(), *self.volumes]:
+            self.scene.RemoveNode(node)        # MRML removes its display and storage nodes with it
+        self._segmentations.clear()
+        self.volumes.clear()
+        self.volume = None
+        self.last = self.last_operation = None
+        self.revision = 0
+        self.busy = False
+        self.error = ""
+        self._tool_active = True
+        self.effect.negative = False
+        self._notify()
 
     def close(self) -> None:
         for session in self._sessions.values():

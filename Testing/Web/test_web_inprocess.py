@@ -204,6 +204,86 @@ def test_server_mode_runs_the_engine_on_the_worker_in_order(web, tiny_engine):
     np.testing.assert_array_equal(segment(segmenter), engine_mask(tiny_engine, segmenter.volume, received[:1]))
 
 
+def _scene_nodes(scene) -> dict:
+    """How many nodes of each kind a browser session can add to the scene."""
+    return {cls: scene.GetNumberOfNodesByClass(cls) for cls in (
+        "vtkMRMLScalarVolumeNode", "vtkMRMLScalarVolumeDisplayNode", "vtkMRMLVolumeArchetypeStorageNode",
+        "vtkMRMLSegmentationNode", "vtkMRMLSegmentationDisplayNode")}
+
+
+def test_clear_leaves_nothing_of_the_session(ct_path, tiny_engine):
+    """What a browser session did (scans, an upload, segments, clicks, undo steps,
+    an operation still running) is gone from the scene after clear(), and the
+    scene works again for the next session."""
+    import asyncio
+    import threading
+    app = SlicerApp()
+    views = Views(app)
+    segmenter = WebSegmenter(app, engine=tiny_engine)
+    empty = _scene_nodes(app.scene)
+    segmenter.load_volume(ct_path)
+    views.click(200, 150)
+    segmenter.add_segment("second")
+    segmenter.load_uploads([{"name": "private.nii.gz", "content": ct_path.read_bytes()}])
+    views.click(200, 150)
+    assert segmenter.can_undo() and segmenter.revision == 2 and _scene_nodes(app.scene) != empty
+
+    from FastSAM3DLib.slicer_bridge import Operation
+    compute, computing, release = Operation.compute, threading.Event(), threading.Event()
+
+    def held(self):
+        computing.set()
+        release.wait(30)
+        return compute(self)
+
+    async def clear_while_clicking():
+        Operation.compute = held
+        try:
+            views.click(206, 150)
+            pending = list(segmenter._tasks)
+            await asyncio.to_thread(computing.wait, 30)   # the engine is busy with it ...
+            segmenter.clear()                             # ... when the session ends
+            release.set()
+            await asyncio.gather(*pending, return_exceptions=True)
+            await asyncio.sleep(0.3)           # a late 3D surface job would run now
+        finally:
+            Operation.compute = compute
+    asyncio.run(clear_while_clicking())
+    assert computing.is_set()
+
+    assert _scene_nodes(app.scene) == empty
+    assert segmenter.volumes == [] and segmenter.volume is None and segmenter.segment_ids() == []
+    assert not segmenter.can_undo() and not segmenter.can_redo() and segmenter.revision == 0
+    assert segmenter.status()["latency_ms"] is None
+    assert all(node.GetNumberOfControlPoints() == 0 for node in segmenter.prompts.nodes.values())
+    # the next session: the same scan, an empty segment, clicks work
+    segmenter.load_volume(ct_path)
+    assert [s["voxels"] for s in segmenter.segments()] == [0]
+    views.click(200, 150)
+    np.testing.assert_array_equal(segment(segmenter), engine_mask(
+        tiny_engine, segmenter.volume, [(views.xy_to_ras(200, 150), True)]))
+    segmenter.close()
+
+
+def test_session_guard_admits_one_and_fails_closed():
+    from FastSAM3DLib.web.exclusive import ExclusiveSession
+    ended = []
+    guard = ExclusiveSession(lambda: ended.append(True))
+    assert guard.admit("a") and guard.admit("a") and not guard.admit("b")
+    guard.end("b")                             # a refused connection closing changes nothing
+    assert ended == [] and not guard.admit("c")
+    guard.end("a")
+    assert ended == [True] and guard.admit("c")
+
+    def broken():
+        raise RuntimeError("scene not cleared")
+    guard = ExclusiveSession(broken)
+    assert guard.admit("a")
+    with pytest.raises(RuntimeError):
+        guard.end("a")
+    assert guard.in_use and not guard.admit("b")     # never admit into an uncleared scene
+
+
 def test_sagittal_view_click(web, tiny_engine):
     segmenter, views, received = web
     views.click(200, 150, orientation="Sagittal")
