@@ -226,7 +226,7 @@ def test_clear_leaves_nothing_of_the_session(ct_path, tiny_engine):
     segmenter.add_segment("second")
     segmenter.load_uploads([{"name": "private.nii.gz", "content": ct_path.read_bytes()}])
     views.click(200, 150)
-    assert segmenter.can_undo() and segmenter.revision == 2 and _scene_nodes(app.scene) != empty
+    assert segmenter.can_undo and segmenter.revision == 2 and _scene_nodes(app.scene) != empty
 
     from FastSAM3DLib.slicer_bridge import Operation
     compute, computing, release = Operation.compute, threading.Event(), threading.Event()
@@ -253,7 +253,7 @@ def test_clear_leaves_nothing_of_the_session(ct_path, tiny_engine):
 
     assert _scene_nodes(app.scene) == empty
     assert segmenter.volumes == [] and segmenter.volume is None and segmenter.segment_ids() == []
-    assert not segmenter.can_undo() and not segmenter.can_redo() and segmenter.revision == 0
+    assert not segmenter.can_undo and not segmenter.can_redo and segmenter.revision == 0
     assert segmenter.status()["latency_ms"] is None
     assert all(node.GetNumberOfControlPoints() == 0 for node in segmenter.prompts.nodes.values())
     # the next session: the same scan, an empty segment, clicks work
