@@ -54,3 +54,4 @@ def tiny_model_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "tiny-web-test.safetensors"
     save_model(tiny_model(), path)
     return path
+

@@ -18,15 +18,13 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+from web_server import running_server
 
 pytest.importorskip("trame_slicer", reason="the web extra is not installed: pip install -e .[web]")
 
@@ -80,12 +78,6 @@ def _chromium() -> str:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening_addresses(port) -> set[str]:
     """Local addresses with a listening TCP socket on ``port`` (from /proc/net/tcp*)."""
     found = set()
@@ -111,35 +103,9 @@ def server(ct_path, tiny_model_file, tmp_path_factory):
     _chromium()
     pytest.importorskip("playwright.sync_api", reason="headless browser test: the 'playwright' "
                         "Python package is not installed (pip install -e .[webtest])")
-    port = _free_port()
     model = os.environ.get("FASTSAM3D_WEB_TEST_MODEL") or str(tiny_model_file)
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "FastSAM3DLib.cli", "web", str(ct_path), "--model", model,
-                                 "--device", "cpu", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    try:
+    with running_server(ct_path, model, tmp_path_factory.mktemp("server")) as (url, port, log):
         yield {"url": url, "port": port, "model": model, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

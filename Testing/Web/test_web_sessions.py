@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from web_server import running_server
 
 pytest.importorskip("trame_slicer", reason="the web extra is not installed: pip install -e .[web]")
 
@@ -27,12 +25,6 @@ from wslink.chunking import UnChunker, generate_chunks  # noqa: E402
 
 SECRET = "wslink-secret"          # trame's default token, which its page sends
 UPLOAD_TRIGGER = re.compile(r"trigger\('(trigger__\d+)', \[\$event\.target\.files\]\)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url):
@@ -46,34 +38,8 @@ def _get(url):
 
 @pytest.fixture(scope="module")
 def server(ct_path, tiny_model_file, tmp_path_factory):
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "FastSAM3DLib.cli", "web", str(ct_path), "--model",
-                                 str(tiny_model_file), "--device", "cpu", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while _get_or_none(url) != 200:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the server did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-    try:
+    with running_server(ct_path, str(tiny_model_file), tmp_path_factory.mktemp("server")) as (url, port, log):
         yield {"url": url, "ws": f"ws://127.0.0.1:{port}/ws", "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _get_or_none(url):
-    try:
-        return _get(url)[0]
-    except OSError:
-        return None
 
 
 class Client:
