@@ -355,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "without them) and train with boxes as first prompts")
     tr.add_argument("--box-probability", type=float, default=0.3,
                     help="share of steps whose first prompt is a box, for box-prompt models (default 0.3)")
+    tr.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="run the per-voxel work of each click step (losses, click sampling) eagerly "
+                         "on CUDA instead of compiling it with torch.compile")
     tr.add_argument("--benchmark", type=int, metavar="STEPS",
                     help="time STEPS training steps (after 3 warm-up steps) and print samples/s of the data "
                          "alone and of the whole step, and the peak GPU memory; writes nothing")
@@ -514,7 +517,8 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(run=_run_config(args), data=_data_config(args),
                          interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
-                                                       box_probability=args.box_probability),
+                                                       box_probability=args.box_probability,
+                                                       compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
                          encoder_width=args.encoder_width)

@@ -26,8 +26,8 @@ from torch import nn
 from ..checkpoint import PARTS, CheckpointError, detect_config, load_weights, merge_checkpoints, save_model
 from ..model import NAMED_CONFIGS, ModelConfig, Sam3D
 from ..model.config import DEFAULT_COMPACT
-from .interaction import (box_corners, decode_fp32, make_click_plan, sample_clicks, upsample_logits,
-                          upsampling_matrix)
+from .interaction import (box_corners, choose_click, decode_fp32, make_click_plan, sample_clicks,
+                          upsample_logits, upsampling_matrix)
 from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
 from .losses import dice_bce_loss, batch_dice, hard_iou
 from .pack import DataError, read_pack
@@ -42,6 +42,10 @@ class InteractionConfig:
     max_steps: int = 11
     interior_prob: float = 0.5          # share of clicks drawn from the eroded error core
     iou_loss_weight: float = 1.0
+    # torch.compile the per-voxel work of each click step (upsampling, losses,
+    # click sampling: elementwise passes over B x 128^3 that dominate the step
+    # once the data is on the GPU); CUDA only, tens of seconds to compile once.
+    compile: bool = True
     box_probability: float = 0.3        # share of steps whose first prompt is a box (box-prompt models)
 
 
@@ -115,6 +119,13 @@ class InteractiveTraining(nn.Module):
         self.interaction = interaction
         self.seed = seed
         self.plan = None
+        self.step_terms, self.choose_click = click_step_terms, choose_click
+
+    def compile_for(self, device: torch.device) -> None:
+        """Compile the per-voxel functions for ``device`` when the configuration asks (CUDA only)."""
+        if self.interaction.compile and device.type == "cuda":
+            self.step_terms = torch.compile(click_step_terms, dynamic=False)
+            self.choose_click = torch.compile(choose_click, dynamic=False)
 
     def begin_step(self, step: int) -> None:
         generator = torch.Generator().manual_seed(step_seed(self.seed, step, rank=0))
@@ -139,18 +150,27 @@ class InteractiveTraining(nn.Module):
         first_dice = None
         for i in range(plan.steps):
             if plan.adds_click(i) and not (i == 0 and plan.box_first):
-                coords, click_labels = sample_clicks(pred, target, generator, self.interaction.interior_prob)
+                coords, click_labels = sample_clicks(pred, target, generator, self.interaction.interior_prob,
+                                                     choose=self.choose_click)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
             low_res, iou_pred = decode_fp32(self.model, embedding, points, labels, mask_prompt)
-            logits = upsample_logits(low_res.float(), upsampling)
-            pred = logits.detach() > 0
-            iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
-            total = total + dice_bce_loss(logits, target) + self.interaction.iou_loss_weight * iou_loss
+            loss, pred = self.step_terms(low_res, iou_pred, upsampling, target, self.interaction.iou_loss_weight)
+            total = total + loss
             mask_prompt = low_res.detach()
             if first_dice is None:
                 first_dice = batch_dice(pred, target).mean()
         return total / plan.steps, {"dice": batch_dice(pred, target).mean(), "dice_click1": first_dice}
+
+
+def click_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: torch.Tensor,
+                     target: torch.Tensor, iou_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, prediction) of one click step: Dice + BCE of the upsampled logits
+    and the IoU head's error; a pure function of tensors, so that it can be compiled."""
+    logits = upsample_logits(low_res.float(), upsampling)
+    pred = logits.detach() > 0
+    iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
+    return dice_bce_loss(logits, target) + iou_loss_weight * iou_loss, pred
 
 
 def _lr_scales(name: str, decoder_scale: float) -> float:
@@ -216,6 +236,7 @@ def build_training(config: TrainConfig, context: DistributedContext):
     if decoder_lr_scale is None:
         decoder_lr_scale = 0.1 if "mask_decoder" in loaded else 1.0
     module = InteractiveTraining(model, config.interaction, config.run.seed)
+    module.compile_for(context.device)
 
     def export(path: Path) -> None:
         save_model(model, path, dtype=torch.float16,
