@@ -30,8 +30,10 @@ _LASSO_MAX_CELLS = 256           # the lasso's fill grid has at most this many c
 
 @dataclass(frozen=True)
 class PhysicalBox:
-    """A box prompt: the 8 corners (LPS mm) of a box, axis-aligned in some
-    frame (world, voxel or a slice's). ``source``: "box" or "lasso"."""
+    """A box prompt, as points (LPS mm) whose bounding box in a crop's axes is
+    the box there: the 8 corners of a box axis-aligned in some frame (world,
+    voxel or a slice's) for ``source`` "box"; for "lasso" the lasso's outline
+    on its plane, at both faces of its slab."""
     corners_lps: tuple[tuple[float, float, float], ...]
     source: str = "box"
 
@@ -180,24 +182,26 @@ def _inside_polygon(polygon: np.ndarray, xy: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class LassoRegion:
-    """A lasso's filled region on its plane: ``frame`` rows u, v, n (LPS),
-    ``centre`` a point of the plane, the region's in-plane extent
-    ``low_uv``/``high_uv`` about it and its deepest interior points (LPS)."""
-    centre: np.ndarray
+    """A lasso's filled region on its plane: ``frame`` rows u, v, n (LPS), its
+    outline projected onto the plane and its deepest interior points (LPS)."""
     frame: np.ndarray
-    low_uv: np.ndarray
-    high_uv: np.ndarray
+    outline_lps: np.ndarray
     interior_lps: np.ndarray
+
+    def slab_lps(self, thickness_mm: float) -> np.ndarray:
+        """The outline at both faces of a slab of ``thickness_mm`` about the plane."""
+        shift = thickness_mm / 2 * self.frame[2]
+        return np.concatenate([self.outline_lps - shift, self.outline_lps + shift])
 
 
 def lasso_region(points_lps, frame: np.ndarray | None = None, cell_mm: float = 1.0,
                  max_points: int = LASSO_MAX_POINTS) -> LassoRegion:
     """The region a closed curve encloses, on the plane ``frame`` (rows u, v,
     n) through the curve's mean, or without a frame its best-fit plane; the
-    curve is projected onto it. The interior points are the deepest cells of
-    the filled polygon (distance transform on a grid of ``cell_mm``): the
-    deepest, then each next deepest cell at least the first one's depth from
-    those chosen and at least half as deep, up to ``max_points``."""
+    curve is projected onto it. The interior points are deep cells of the
+    filled polygon (distance transform on a grid of ``cell_mm``): the deepest,
+    then, among the cells at least 3/4 as deep, the one farthest from those
+    chosen while that is farther than the deepest one's depth, up to ``max_points``."""
     points = np.asarray(points_lps, dtype=float)
     if len(points) < 3:
         raise ImageError("a lasso needs at least 3 points (a closed curve)")
@@ -218,17 +222,17 @@ def lasso_region(points_lps, frame: np.ndarray | None = None, cell_mm: float = 1
     if not filled.any():
         raise ImageError("a lasso must enclose an area (its region is thinner than one voxel)")
     depth = ndimage.distance_transform_edt(np.pad(filled, 1))[1:-1, 1:-1]
-    chosen = []
-    remaining = depth.copy()
-    while len(chosen) < max_points:
-        index = np.unravel_index(np.argmax(remaining), remaining.shape)
-        if remaining[index] <= 0 or (chosen and remaining[index] < depth[chosen[0]] / 2):
-            break
-        chosen.append(index)
-        distance = np.linalg.norm(np.stack(np.indices(shape), -1) - np.array(index), axis=-1)
-        remaining[distance < depth[chosen[0]]] = 0
-    interior = centre + np.array([centres[i] for i in chosen]) @ frame[:2]
-    return LassoRegion(centre, frame, low, high, interior)
+    # The deepest cell, then the deep cells (at least 3/4 as deep) farthest from those chosen,
+    # while farther than the deepest cell's depth: points spread over the region's core.
+    deepest = float(depth.max())
+    candidates = np.argwhere(depth >= 0.75 * deepest)
+    chosen = [int(np.argmax(depth[tuple(candidates.T)]))]
+    nearest = np.linalg.norm(candidates - candidates[chosen[0]], axis=1)
+    while len(chosen) < max_points and nearest.max() > deepest:
+        chosen.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, np.linalg.norm(candidates - candidates[chosen[-1]], axis=1))
+    interior = centre + centres[tuple(candidates[chosen].T)] @ frame[:2]
+    return LassoRegion(frame, centre + polygon @ frame[:2], interior)
 
 
 def _signed_area(polygon: np.ndarray) -> float:

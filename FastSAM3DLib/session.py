@@ -39,7 +39,7 @@ from .image import (ImageError, bounding_box, format_numbers, is_inside, load_im
                     point_to_lps, validate_image)
 from .model import Sam3D
 from .prompts import (SCRIBBLE_MAX_POINTS, PhysicalBox, box_corners_lps, lasso_region, points_to_lps,
-                      check_thickness_mm, resample_polyline, slab_corners, slice_frame,
+                      check_thickness_mm, resample_polyline, slice_frame,
                       slice_thickness_mm)
 from .roi import (MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image,
                   roi_box_on_image, roi_for_point)
@@ -896,8 +896,9 @@ class InteractiveSession:
         """A closed curve (N, 3) in ``space`` on one slice, one undo step. Its
         filled region, on the slice plane of ``slice_axes`` (as in ``add_box``)
         or else the points' best-fit plane (points are projected onto it),
-        gives a positive lasso a box (the region's extent on the plane, a slab
-        of ``thickness_mm``, default one slice, replacing the object's box) and
+        gives a positive lasso a box (the region's extent: its outline at both
+        faces of a slab of ``thickness_mm``, default one slice; it replaces the
+        object's box) and
         up to ``prompts.LASSO_MAX_POINTS`` (3) positive clicks at the region's
         deepest points; on a model without box prompts only those clicks. A
         negative lasso gives negative clicks at the deepest points (no box)."""
@@ -910,8 +911,7 @@ class InteractiveSession:
         if positive and self.engine.model.config.box_prompts:
             thickness = (slice_thickness_mm(self.image, region.frame[2]) if thickness_mm is None
                          else check_thickness_mm(thickness_mm))
-            box = self._box(slab_corners(region.centre, region.frame, region.low_uv, region.high_uv, thickness),
-                            "lasso", "lasso's region")
+            box = self._box(region.slab_lps(thickness), "lasso", "lasso's region")
         with self.engine._lock:
             return self._with_cpu_fallback(lambda: self._add_prompts(clicks, box, started))
 

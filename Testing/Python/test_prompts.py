@@ -130,3 +130,125 @@ def test_a_point_only_model_refuses_a_box_in_one_line_and_changes_nothing():
     assert "\n" not in str(info.value) and "default model" in str(info.value)
     assert np.array_equal(session.mask(), before) and session.prompts == prompts
     assert len(engine.model.decoder_calls) == calls and session.can_undo and not session.can_redo
+
+
+def test_a_new_box_replaces_the_old_one_and_the_clicks_stay():
+    engine = _engine()
+    session = engine.new_session(_ball_image())
+    session.add_box((-12, -12, -12), (12, 12, 12))
+    session.add_click((0, 0, 0))
+    session.add_click((0, 0, 9), positive=False)
+    session.add_box((-11, -11, -11), (11, 11, 11))
+    assert [type(p).__name__ for p in session.prompts] == ["PhysicalBox", "PhysicalClick", "PhysicalClick"]
+    np.testing.assert_allclose(session.box.bounds_lps, [[-11] * 3, [11] * 3])
+    call = engine.model.decoder_calls[-1]
+    assert list(call["labels"].numpy()) == [2, 3, 1, 0]           # one box, then the clicks in order
+    session.undo()
+    np.testing.assert_allclose(session.box.bounds_lps, [[-12] * 3, [12] * 3])
+
+
+def test_scribble_resampling_is_even_and_bounded():
+    line = np.array([[0, 0, 0], [30, 0, 0], [30, 40, 0]], float)      # 70 mm, a right angle
+    points = resample_polyline(line)
+    assert len(points) == SCRIBBLE_MAX_POINTS
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)
+    # Even along the curve: 10 mm of arc between neighbours (a chord across the corner is shorter).
+    along = [0.0]
+    for p in points[1:]:
+        along.append(p[0] if p[1] == 0 else 30 + p[1])
+    np.testing.assert_allclose(np.diff(along), 70 / 7, atol=1e-9)
+    assert np.all(steps <= 70 / 7 + 1e-9)
+    np.testing.assert_allclose(points[[0, -1]], line[[0, -1]])
+    short = resample_polyline(line[:2] / 3)                             # 10 mm: 5 mm apart, 3 points
+    assert len(short) == 3 and np.all(np.diff(short[:, 0]) >= SCRIBBLE_MIN_GAP_MM - 1e-9)
+    np.testing.assert_allclose(resample_polyline(np.array([[0, 0, 0], [0, 0, 0], [2, 0, 0]])), [[1, 0, 0]])
+    assert len(resample_polyline(line, max_points=3)) == 3
+    with pytest.raises(ImageError, match="max_points"):
+        resample_polyline(line, max_points=SCRIBBLE_MAX_POINTS + 1)
+
+
+def test_a_scribble_is_one_step_of_clicks_of_its_sign():
+    engine = _engine()
+    image = _ball_image(GRIDS["oblique"])
+    session = engine.new_session(image)
+    session.add_click((0, 0, 0))
+    # A negative stroke 40 mm long on RAS, half of it beyond the image? No: inside, 9 points given.
+    stroke = np.stack([np.linspace(-20, 20, 9), np.full(9, 3.0), np.zeros(9)], axis=1)
+    update = session.add_scribble(stroke, positive=False)
+    added = session.clicks[1:]
+    assert len(added) == SCRIBBLE_MAX_POINTS and all(not c.positive and c.source == "scribble" for c in added)
+    np.testing.assert_allclose(np.array([c.point_lps for c in added]) * RAS_TO_LPS,
+                               resample_polyline(stroke), atol=1e-9)
+    assert update.patch is not None and len(update.crops) >= 1
+    session.undo()
+    assert len(session.clicks) == 1                                     # the whole stroke was one step
+    with pytest.raises(ImageError, match="outside the image"):
+        session.add_scribble([(500, 0, 0), (520, 0, 0)])
+    assert len(session.clicks) == 1 and session.can_redo               # nothing lost, redo kept
+
+
+def _winding_number(polygon, point):
+    """Sum of the angles the polygon's edges subtend at ``point``, in turns (0 outside)."""
+    rel = polygon - point
+    angles = np.arctan2(rel[:, 1], rel[:, 0])
+    turns = np.diff(np.concatenate([angles, angles[:1]]))
+    return round(float(np.sum((turns + np.pi) % (2 * np.pi) - np.pi)) / (2 * np.pi))
+
+
+def _distance_to_outline(polygon, point):
+    a, b = polygon, np.roll(polygon, -1, axis=0)
+    t = np.clip(np.einsum("ij,ij->i", point - a, b - a) / np.einsum("ij,ij->i", b - a, b - a), 0, 1)
+    return float(np.min(np.linalg.norm(a + t[:, None] * (b - a) - point, axis=1)))
+
+
+def test_lasso_interior_points_lie_deep_inside_the_polygon_on_its_plane():
+    frame = _rotation(35, (1, 1, 0))
+    u, v, n = frame[:, 0], frame[:, 1], frame[:, 2]
+    # An L-shaped lasso (its bounding box's centre lies outside it), slightly off-plane.
+    outline = np.array([[0, 0], [40, 0], [40, 12], [12, 12], [12, 40], [0, 40]], float)
+    wobble = np.array([0.3, -0.3, 0.3, -0.3, 0.3, -0.3])
+    offset = np.array([5.0, -3.0, 7.0])
+    curve = outline @ np.stack([u, v]) + wobble[:, None] * n + offset
+    region = lasso_region(curve, cell_mm=0.5)
+    assert 2 <= len(region.interior_lps) <= 3
+    # On the best-fit plane (the wobble's mean plane), inside the L and about its half-width
+    # (6 mm, less a cell and a half) from the outline, spread over both arms.
+    centre = curve.mean(0)
+    np.testing.assert_allclose((region.interior_lps - centre) @ n, 0, atol=1e-6)
+    uv = (region.interior_lps - offset) @ np.stack([u, v]).T
+    for point in uv:
+        assert _winding_number(outline, point) != 0
+        assert _distance_to_outline(outline, point) >= 5.0
+    assert np.ptp(uv[:, 0]) > 15 and np.ptp(uv[:, 1]) > 15                # one in each arm
+    # The outline projected onto that plane: the wobble goes, the shape stays.
+    np.testing.assert_allclose((region.outline_lps - centre) @ n, 0, atol=1e-9)
+    np.testing.assert_allclose((region.outline_lps - offset) @ np.stack([u, v]).T, outline, atol=1e-9)
+
+
+@pytest.mark.parametrize("box_prompts", [True, False])
+def test_a_lasso_is_one_step_a_box_and_interior_clicks(box_prompts):
+    engine = _engine(box_prompts=box_prompts)
+    image = _ball_image(GRIDS["permuted (PIR)"])
+    session = engine.new_session(image)
+    square = np.array([[-9, -9], [9, -9], [9, 9], [-9, 9]], float)
+    u, v = np.array([1.0, 0, 0]), np.array([0, 0.6, 0.8])              # an oblique slice (RAS)
+    curve = square @ np.stack([u, v]) + 1.0 * np.cross(u, v)
+    session.add_lasso(curve, slice_axes=(u, v), thickness_mm=3.0)
+    clicks = session.clicks
+    assert clicks and all(c.positive and c.source == "lasso" for c in clicks)
+    if box_prompts:
+        # The square's outline at both faces of a 3 mm slab about its slice.
+        box = np.array(session.box.corners_lps) * RAS_TO_LPS
+        expected = np.concatenate([curve + h * np.cross(u, v) for h in (-1.5, 1.5)])
+        np.testing.assert_allclose(box, expected, atol=1e-9)
+        assert session.box.source == "lasso"
+        assert list(engine.model.decoder_calls[-1]["labels"].numpy()[:2]) == [2, 3]
+    else:
+        assert session.box is None and 2 not in engine.model.decoder_calls[-1]["labels"].numpy()
+    session.add_lasso(curve * 0.5, positive=False, slice_axes=(u, v))
+    assert all(not c.positive for c in session.clicks[len(clicks):]) and session.prompts[:1] == (
+        [session.box] if box_prompts else session.prompts[:1])
+    session.undo()
+    assert session.clicks == clicks
+    session.undo()
+    assert session.prompts == [] and not session.mask().any()
