@@ -166,7 +166,7 @@ def _prompt_options(kind, options) -> dict:
     """The engine's keyword options of a prompt, checked; None values left out
     (the engine's defaults)."""
     allowed = {"click": (), "box": ("slice_axes", "thickness_mm"), "scribble": ("max_points",),
-               "lasso": ("slice_axes",)}[kind]
+               "lasso": ("slice_axes", "thickness_mm")}[kind]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"a {kind} takes no option {', '.join(unknown)}")
@@ -182,7 +182,7 @@ def _prompt_options(kind, options) -> dict:
         elif key == "thickness_mm":
             value = float(value)
             if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"a box's thickness must be a positive number of mm, not {value!r}")
+                raise ValueError(f"a {kind}'s thickness must be a positive number of mm, not {value!r}")
         elif key == "max_points":
             value = int(value)
             if value < 1:
@@ -196,8 +196,8 @@ class Operation:
 
     ras: the prompt in world RAS: one point (click), two opposite corners
     (box), a polyline (scribble) or a closed curve (lasso). options: the
-    engine's options of the prompt (box: slice_axes, thickness_mm; scribble:
-    max_points; lasso: slice_axes).
+    engine's options of the prompt (box and lasso: slice_axes, thickness_mm;
+    scribble: max_points).
     """
 
     def __init__(self, session: "SegmentSession", kind: str, ras=None, positive=True, **options):
@@ -397,10 +397,10 @@ class SegmentSession:
         """A +/- polyline in world RAS (N, 3); the engine resamples it to clicks."""
         return self.run("scribble", points, positive, max_points=max_points)
 
-    def add_lasso(self, points, positive=True, slice_axes=None) -> SegmentUpdate:
+    def add_lasso(self, points, positive=True, slice_axes=None, thickness_mm=None) -> SegmentUpdate:
         """A closed curve on one slice in world RAS (N, 3): positive, its region
-        is the object; negative, its interior is taken away."""
-        return self.run("lasso", points, positive, slice_axes=slice_axes)
+        (a slab thickness_mm thick) is the object; negative, its interior is taken away."""
+        return self.run("lasso", points, positive, slice_axes=slice_axes, thickness_mm=thickness_mm)
 
     def undo(self) -> SegmentUpdate | None:
         return self.run("undo")

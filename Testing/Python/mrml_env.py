@@ -350,7 +350,7 @@ class _FakeSession:
     def add_scribble(self, points, positive=True, space="ras", max_points=None):
         return self._add(("scribble", np.array([_lps_of(p, space) for p in points]), bool(positive)))
 
-    def add_lasso(self, points, positive=True, space="ras", *, slice_axes=None):
+    def add_lasso(self, points, positive=True, space="ras", *, slice_axes=None, thickness_mm=None):
         self.last_lasso_axes = slice_axes
         return self._add(("lasso", np.array([_lps_of(p, space) for p in points]), bool(positive)))
 

@@ -373,7 +373,7 @@ def test_bad_prompts_are_clear_errors_and_write_nothing(spine):
              (lambda: s.add_scribble([]), "at least 1"),
              (lambda: s.add_scribble([(0, float("nan"), 0)]), "finite"),
              (lambda: s.add_lasso([a, b]), "at least 3"),
-             (lambda: s.run("lasso", [a, b, a], slice_axes=None, thickness_mm=2.0), "no option thickness_mm"),
+             (lambda: s.run("lasso", [a, b, a], max_points=2), "no option max_points"),
              (lambda: s.run("undo", thickness_mm=2.0), "no options")]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):
