@@ -1,7 +1,7 @@
 """Box, scribble and lasso prompts from MRML, in world RAS.
 
 A box comes from a Markups ROI node (``roi_box``) or a rectangle dragged in a
-slice view (``slice_rectangle``); a scribble from a Markups curve
+slice view (``slice_rectangle`` from view pixels, ``slice_box`` from world points); a scribble from a Markups curve
 (``curve_points``) or a stroke in a slice view (``slice_xy_to_ras``); a lasso
 from a closed Markups curve (``curve_points(..., closed=True)``) or a closed
 stroke. The results are what ``SegmentSession.add_box`` / ``add_scribble`` /
@@ -92,14 +92,20 @@ def slice_xy_to_ras(slice_node, xy_points) -> np.ndarray:
     return (homogeneous @ xy_to_ras.T)[:, :3]
 
 
-def slice_rectangle(slice_node, xy_a, xy_b, thickness_mm=None) -> Box:
-    """A rectangle dragged in a slice view from pixel ``xy_a`` to ``xy_b`` ->
-    a box on that slice (any orientation), ``thickness_mm`` thick."""
-    if np.allclose(xy_a, xy_b):
+def slice_box(slice_node, ras_a, ras_b, thickness_mm=None) -> Box:
+    """A rectangle dragged in a slice view between world points ``ras_a`` and
+    ``ras_b`` on its slice -> a box on that slice (any orientation),
+    ``thickness_mm`` thick (None: the engine's default)."""
+    corner_a, corner_b = np.asarray(ras_a, dtype=float), np.asarray(ras_b, dtype=float)
+    if np.allclose(corner_a, corner_b):
         raise ValueError("drag a rectangle: the box's two corners are the same point")
-    corner_a, corner_b = slice_xy_to_ras(slice_node, [xy_a, xy_b])
     return Box(_triple(corner_a), _triple(corner_b), slice_axes(slice_node),
                None if thickness_mm is None else float(thickness_mm))
+
+
+def slice_rectangle(slice_node, xy_a, xy_b, thickness_mm=None) -> Box:
+    """``slice_box`` for a drag from view pixel ``xy_a`` to ``xy_b``."""
+    return slice_box(slice_node, *slice_xy_to_ras(slice_node, [xy_a, xy_b]), thickness_mm)
 
 
 def curve_points(curve_node, closed=False) -> np.ndarray:
