@@ -333,6 +333,11 @@ class SegmentSession:
     def clicks(self) -> list:
         return [] if self._engine_session is None else list(self._engine_session.clicks)
 
+    @property
+    def prompts(self) -> list:
+        """The engine's prompts now in the session (a box, then the clicks, scribble and lasso points)."""
+        return [] if self._engine_session is None else list(self._engine_session.prompts)
+
     def clicks_ras(self) -> list:
         """[(ras, positive), ...] of the current clicks, world RAS."""
         from .prompts import clicks_ras

@@ -130,3 +130,41 @@ def curve_points(curve_node, closed=False) -> np.ndarray:
     if is_closed and len(out) > 1 and np.allclose(out[0], out[-1]):
         out = out[:-1]                       # a closed curve repeats its first point at the end
     return out
+
+
+class Prompt(NamedTuple):
+    """One prompt as ``SegmentSession.operation(kind, ras, positive, **options)`` takes it."""
+    kind: str
+    ras: object
+    positive: bool
+    options: dict
+
+
+def markups_prompt(node, positive=True) -> Prompt:
+    """A Markups node as a prompt: an ROI is a box, a closed curve a lasso,
+    an open curve a scribble (world RAS, parent transforms included)."""
+    if node is not None and node.IsA("vtkMRMLMarkupsROINode"):
+        box = roi_box(node)
+        return Prompt("box", (box.corner_a, box.corner_b), bool(positive),
+                      {"slice_axes": box.slice_axes, "thickness_mm": box.thickness_mm})
+    if node is not None and node.IsA("vtkMRMLMarkupsClosedCurveNode"):
+        return Prompt("lasso", curve_points(node, closed=True), bool(positive), {})
+    if node is not None and node.IsA("vtkMRMLMarkupsCurveNode"):
+        return Prompt("scribble", curve_points(node), bool(positive), {})
+    raise ValueError("a prompt needs a Markups ROI (box), curve (scribble) or closed curve (lasso)")
+
+
+def slice_drag_prompt(tool, slice_node, points_ras, positive=True) -> Prompt:
+    """A drag in a slice view, as world RAS points on its slice, with the tool
+    "box" (first to last point), "scribble" or "lasso" (the closed stroke on
+    the view's slice)."""
+    points = np.asarray(points_ras, dtype=float).reshape(-1, 3)
+    if tool == "box":
+        box = slice_box(slice_node, points[0], points[-1])
+        return Prompt("box", (box.corner_a, box.corner_b), bool(positive),
+                      {"slice_axes": box.slice_axes, "thickness_mm": box.thickness_mm})
+    if tool == "scribble":
+        return Prompt("scribble", points, bool(positive), {})
+    if tool == "lasso":
+        return Prompt("lasso", points, bool(positive), {"slice_axes": slice_axes(slice_node)})
+    raise ValueError(f"a slice-view drag is a box, scribble or lasso, not {tool!r}")

@@ -28,7 +28,7 @@ from FastSAM3DLib.slicer_bridge import (SegmentUpdate, EngineWorker, Operation, 
                                         export_labelmap, get_engine, read_segment)
 from FastSAM3DLib.slicer_bridge.export import LABELMAP_SUFFIXES
 from FastSAM3DLib.slicer_bridge.session import PROMPTS
-from FastSAM3DLib.slicer_bridge.shapes import slice_axes, slice_box
+from FastSAM3DLib.slicer_bridge.shapes import slice_drag_prompt
 
 from .effect import TOOLS, FastSAM3DEffect
 from .uploads import MAX_UPLOAD_BYTES, UploadError, display_name, save_uploads
@@ -296,12 +296,9 @@ class WebSegmenter:
         try:
             if tool == "point":
                 self.click(points[-1], positive)
-            elif tool == "box":
-                self.box(*slice_box(slice_node, points[0], points[-1]), positive=positive)
-            elif tool == "scribble":
-                self.scribble(points, positive)
             else:
-                self.lasso(points, positive, slice_axes=slice_axes(slice_node))
+                kind, ras, positive, options = slice_drag_prompt(tool, slice_node, points, positive)
+                self._prompt(kind, ras, positive, **options)
         except (ValueError, EngineError) as exc:    # e.g. a box without a drag: shown, nothing changes
             self.error = str(exc)
             self._notify()
@@ -427,7 +424,7 @@ class WebSegmenter:
             return _Plan(kw["key"], session.operation(kind, kw["ras"], kw["positive"], **kw["options"]))
         if kind == "reset":
             session = self.session(create=False)
-            if session is None or not session.clicks:
+            if session is None or not session.prompts:
                 return None
             return _Plan(self._key(self.segment_id), session.operation("reset"))
         stack = history if kind == "undo" else redo

@@ -386,3 +386,34 @@ def test_box_tuple_is_the_add_box_signature():
     assert Box._fields == ("corner_a", "corner_b", "slice_axes", "thickness_mm")
     import inspect
     assert list(inspect.signature(SegmentSession.add_box).parameters)[1:] == list(box._fields)
+
+
+def test_markups_and_drag_prompts_are_session_operations(spine):
+    """markups_prompt / slice_drag_prompt give what SegmentSession.run takes: the
+    same segment as the direct add_box / add_scribble / add_lasso calls."""
+    from FastSAM3DLib.slicer_bridge.shapes import markups_prompt, slice_drag_prompt
+    scene, _, vol = spine
+    view = slice_node(scene, vol)
+    roi = add_roi(scene, centre_of(vol, (30, 27, 26)), (9.0, 14.0, 7.0), parent=rotation(2, 25.0) @ np.eye(4))
+    ring = slice_xy_to_ras(view, [(180, 130), (230, 130), (230, 180), (180, 180)])
+    curve, lasso = add_curve(scene, ring), add_curve(scene, ring, closed=True)
+    for prompt, direct in [
+            (markups_prompt(roi), lambda s: s.add_box(*roi_box(roi))),
+            (markups_prompt(curve, positive=False), lambda s: s.add_scribble(curve_points(curve), False)),
+            (markups_prompt(lasso), lambda s: s.add_lasso(curve_points(lasso, closed=True))),
+            (slice_drag_prompt("box", view, ring), lambda s: s.add_box(*slice_rectangle(view, (180, 130),
+                                                                                        (180, 180)))),
+            (slice_drag_prompt("lasso", view, ring), lambda s: s.add_lasso(ring, slice_axes=slice_axes(view)))]:
+        masks = []
+        for how in ("prompt", "direct"):
+            seg, (sid,) = new_segmentation(scene, vol, name=how)
+            s = session(vol, seg, sid)
+            s.add_click(centre_of(vol, (30, 27, 26)))
+            s.run(prompt.kind, prompt.ras, prompt.positive, **prompt.options) if how == "prompt" else direct(s)
+            masks.append(read_segment(seg, sid, vol))
+        assert masks[0].any()
+        np.testing.assert_array_equal(masks[0], masks[1])
+    with pytest.raises(ValueError, match="ROI .box"):
+        markups_prompt(view)
+    with pytest.raises(ValueError, match="not 'brush'"):
+        slice_drag_prompt("brush", view, ring)
