@@ -397,6 +397,7 @@ def test_markups_and_drag_prompts_are_session_operations(spine):
     roi = add_roi(scene, centre_of(vol, (30, 27, 26)), (9.0, 14.0, 7.0), parent=rotation(2, 25.0) @ np.eye(4))
     ring = slice_xy_to_ras(view, [(180, 130), (230, 130), (230, 180), (180, 180)])
     curve, lasso = add_curve(scene, ring), add_curve(scene, ring, closed=True)
+    assert [markups_prompt(n).kind for n in (roi, curve, lasso)] == ["box", "scribble", "lasso"]
     for prompt, direct in [
             (markups_prompt(roi), lambda s: s.add_box(*roi_box(roi))),
             (markups_prompt(curve, positive=False), lambda s: s.add_scribble(curve_points(curve), False)),
