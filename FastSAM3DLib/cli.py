@@ -225,6 +225,10 @@ def cmd_evaluate(args) -> int:
 
     if args.clicks < 1:
         raise ValueError("--clicks must be at least 1")
+    if not 0 <= args.box_jitter < 1:
+        raise ValueError("--box-jitter must be a fraction of the box's extent from 0 to below 1")
+    if args.box_jitter and args.first_prompt != "box":
+        raise ValueError("--box-jitter needs --first-prompt box")
     for option in ("jobs", "seeds", "min_voxels", "max_targets_per_case", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -269,16 +273,18 @@ def cmd_evaluate(args) -> int:
     threads = args.threads or ev.threads_per_job(args.jobs)
     settings = ev.Settings(model=args.model, device=args.device, rule=args.rule, clicks=args.clicks,
                            seeds=seeds, baseline=args.baseline, ceiling=ceiling, threads=threads,
-                           spacing=args.spacing)
+                           spacing=args.spacing, first_prompt=args.first_prompt, box_jitter=args.box_jitter)
     engine = None
     if args.jobs == 1:
         import torch
 
-        from .session import Engine
+        from .session import Engine, require_box_prompts
         torch.set_num_threads(threads)
         engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
         _log(f"model {engine.model.config.name} on {engine.device_description}; "
              f"crop spacing {engine.spacing_setting}")
+        if args.first_prompt == "box":
+            require_box_prompts(engine.model)
     _log(f"{len(tasks)} targets in {len(cases)} cases; rule {args.rule} ({len(seeds)} seed(s)), "
          f"{args.clicks} clicks; {args.jobs} process(es) x {threads} thread(s)")
     bar = tqdm(total=len(tasks), desc="targets", unit="target", file=sys.stderr)
@@ -287,7 +293,10 @@ def cmd_evaluate(args) -> int:
     bar.close()
     seconds = time.perf_counter() - started
     summary = ev.summarise(results, args.clicks, subsets)
-    print(f"targets with >= {args.min_voxels} voxels; rule {args.rule}"
+    jitter = f" (jitter {args.box_jitter:g} of its extent)" if args.box_jitter else ""
+    first = (f"first prompt: the target's bounding box{jitter}, then clicks; Dice@k after k prompts "
+             "(box + k-1 clicks; sphere: the box's inscribed ellipsoid); " if args.first_prompt == "box" else "")
+    print(f"targets with >= {args.min_voxels} voxels; {first}rule {args.rule}"
           f"{f' (seeds {seeds[0]}..{seeds[-1]}: mean±sd over seeds)' if len(seeds) > 1 else ''}; "
           f"Dice on each scan's own grid; model {args.model}")
     print(ev.format_table(summary, per_target=args.per_target))
@@ -298,6 +307,7 @@ def cmd_evaluate(args) -> int:
         ev.write_json(args.json, summary, results, {
             "model": args.model, "device": args.device, "rule": args.rule, "clicks": args.clicks,
             "seeds": list(seeds), "baseline": args.baseline, "ceiling": list(ceiling),
+            "first_prompt": args.first_prompt, "box_jitter": args.box_jitter,
             "fit_min_spacing_mm": ev.FIT_MIN_SPACING_MM, "min_voxels": args.min_voxels,
             "max_targets_per_case": args.max_targets_per_case, "cases": [c.name for c in cases],
             "subsets": [{"name": n, "case": c, "labels": ids} for n, c, ids in subsets],
@@ -369,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="click rule: 'center' = deterministic (distance-transform centre of the largest "
                          "error), 'reference' = the SAM-Med3D/FastSAM3D rule (RITM, then random; seeded)")
     ev.add_argument("--clicks", type=int, default=10, help="clicks per object (default 10)")
+    ev.add_argument("--first-prompt", choices=("click", "box"), default="click",
+                    help="'box': the first prompt is the target's bounding box (world axes, from the label), "
+                         "then --clicks - 1 clicks of --rule; Dice@k is after k prompts (needs a model with box "
+                         "prompts, e.g. the bundled default model)")
+    ev.add_argument("--box-jitter", type=float, default=0.0, metavar="F",
+                    help="with --first-prompt box: move each box coordinate by up to F of the box's extent "
+                         "(uniform, seeded; default 0)")
     ev.add_argument("--seed", type=int, default=2023, help="first random seed of the 'reference' rule")
     ev.add_argument("--seeds", type=int, default=3,
                     help="seeds of the 'reference' rule (seed, seed+1, ...; mean and spread; default 3)")
