@@ -582,6 +582,13 @@ class Engine:
 
 # -- one object ------------------------------------------------------------------
 
+def require_box_prompts(model: Sam3D) -> None:
+    """EngineError unless the model has box-corner embeddings."""
+    if not model.config.box_prompts:
+        raise EngineError(f"the model {model.config.name} has no box prompt (the official SAM-Med3D/FastSAM3D "
+                          "checkpoints have none): use the bundled default model, or clicks")
+
+
 class InteractiveSession:
     """One object being segmented on one image.
 
@@ -835,12 +842,6 @@ class InteractiveSession:
         with self.engine._lock:
             return self._with_cpu_fallback(lambda: self._add_prompts((click,), None, started))
 
-    def _check_box_prompts(self) -> None:
-        if not self.engine.model.config.box_prompts:
-            raise EngineError(f"the model {self.engine.model.config.name} has no box prompt (the official "
-                              "SAM-Med3D/FastSAM3D checkpoints have none): use the bundled default model, "
-                              "or clicks")
-
     def _box(self, corners_lps: np.ndarray, source: str, described: str) -> PhysicalBox:
         """The box of these corners, if it meets the image."""
         index = lps_to_continuous_index(self.image, corners_lps)
@@ -865,7 +866,7 @@ class InteractiveSession:
         the box centres the object's crop and its extent picks the spacing. A
         model without box embeddings raises EngineError and nothing changes."""
         started = time.perf_counter()
-        self._check_box_prompts()
+        require_box_prompts(self.engine.model)
         corners = box_corners_lps(self.image, corner_a, corner_b, space, slice_axes, thickness_mm)
         box = self._box(corners, "box", f"box {format_numbers(corner_a, 2)} .. {format_numbers(corner_b, 2)} "
                                         f"({space})")

@@ -252,3 +252,37 @@ def test_a_lasso_is_one_step_a_box_and_interior_clicks(box_prompts):
     assert session.clicks == clicks
     session.undo()
     assert session.prompts == [] and not session.mask().any()
+
+
+def test_undo_and_redo_of_box_scribble_and_lasso_restore_the_exact_masks(shared_data):
+    """The bundled model (box prompts) on a real scan: each prompt is one step, and moving
+    through the history gives back exactly the mask each step had (as a caller applies patches)."""
+    image = sitk.ReadImage(str(shared_data / "mri_spine_cord_sct_t2" / "t2.nii.gz"))
+    cord = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / "mri_spine_cord_sct_t2" /
+                                                     "t2_seg-manual.nii.gz"))) > 0
+    session = Engine(model="default", device="cpu").new_session(image)
+    voxels = np.argwhere(cord)[:, ::-1]                                 # (i, j, k)
+    low, high = voxels.min(0), voxels.max(0)
+    middle = (low + high) / 2
+    caller = np.zeros(cord.shape, dtype=bool)
+
+    def apply(update):
+        if update is not None and update.patch is not None:
+            caller[update.patch.slices] = update.patch.array
+
+    masks, prompt_counts = [session.mask()], [0]
+    steps = [lambda: session.add_box(low, high, space="ijk"),
+             lambda: session.add_scribble([middle + (0, 0, d) for d in (-20, 0, 20)], space="ijk"),
+             lambda: session.add_lasso([middle + (di, dj, 10) for di, dj in ((-3, -3), (3, -3), (3, 3), (-3, 3))],
+                                       positive=False, space="ijk")]
+    for step in steps:
+        apply(step())
+        masks.append(session.mask())
+        prompt_counts.append(len(session.prompts))
+    assert len({m.sum() for m in masks}) == 4 and prompt_counts[1] == 1 and prompt_counts[2] > 2
+    for move, expected in [(session.undo, 2), (session.undo, 1), (session.undo, 0), (session.redo, 1),
+                           (session.redo, 2), (session.redo, 3)]:
+        apply(move())
+        np.testing.assert_array_equal(session.mask(), masks[expected])
+        np.testing.assert_array_equal(caller, masks[expected])
+        assert len(session.prompts) == prompt_counts[expected]
