@@ -62,8 +62,11 @@ class FastSAM3D(ScriptedLoadableModule):
 Interactive 3D segmentation with FastSAM3D: place include (+) and exclude (&minus;) points in any
 slice view and the current segment is updated in milliseconds. The image embedding is computed once
 per region (first click); every later click runs only the small decoder.<br>
+A Markups ROI is a box prompt, a curve a scribble and a closed curve a lasso: pick one and press
+<b>Use</b> (a box suits a whole organ as a first guess; the bundled model has box prompts).<br>
 Shortcuts while this module is shown: <b>i</b> include point, <b>e</b> exclude point,
-<b>z</b>/<b>Ctrl+Z</b> undo click, <b>y</b>/<b>Ctrl+Y</b> redo click.<br>
+<b>m</b> use the selected markups as a prompt,
+<b>z</b>/<b>Ctrl+Z</b> undo, <b>y</b>/<b>Ctrl+Y</b> redo.<br>
 Also available as the "FastSAM3D" effect in the Segment Editor.
 See <a href="https://github.com/fastsam3d/SlicerFastSAM3D">the documentation</a>.
 """)
@@ -142,6 +145,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addSegmentButton.connect("clicked()", self.onAddSegment)
         self.ui.includePointButton.connect("toggled(bool)", lambda on: self.onPlaceToggled(True, on))
         self.ui.excludePointButton.connect("toggled(bool)", lambda on: self.onPlaceToggled(False, on))
+        self.ui.markupsPromptButton.connect("clicked()", self.onMarkupsPrompt)
         self.ui.undoButton.connect("clicked()", self.onUndo)
         self.ui.redoButton.connect("clicked()", self.onRedo)
         self.ui.resetButton.connect("clicked()", self.onReset)
@@ -322,8 +326,24 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self.runOperation("click", ras=list(ras), positive=positive)
 
+    def onMarkupsPrompt(self) -> None:
+        """The selected ROI, curve or closed curve as a box, scribble or lasso prompt."""
+        volume, segmentation, segmentId = self.currentInputs()
+        if not (volume and segmentation and segmentId):
+            self.setStatus(_("Select an input volume, a segmentation and a segment first."), error=True)
+            return
+        try:
+            prompt = bridge().shapes.markups_prompt(self.ui.markupsPromptSelector.currentNode(),
+                                                    positive=not self.ui.markupsNegativeCheckBox.checked)
+            if not self.logic.setupPythonRequirements():
+                return
+        except Exception as e:
+            self._showError(e)
+            return
+        self.runOperation(prompt.kind, ras=prompt.ras, positive=prompt.positive, **prompt.options)
+
     # -- operations (worker + main thread) ---------------------------------------------
-    def runOperation(self, operation, ras=None, positive=True) -> None:
+    def runOperation(self, operation, ras=None, positive=True, **options) -> None:
         inputs = self.currentInputs()
         overwrite = self.ui.overwriteOtherSegmentsCheckBox.checked
         firstLoad = not self.logic.engineReady()
@@ -333,10 +353,10 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.deviceLabel.text = self.logic.deviceDescription()
             self._styleDeviceLabel()
             session = self.logic.getSession(*inputs, create=True, overwriteOtherSegments=overwrite)
-            if operation == "click" and not session.clicks:
+            if operation != "undo" and operation != "redo" and not session.prompts:
                 self.setStatus(_("Computing the image embedding (first click in this region)..."))
             # Computed on the worker, applied here; dropped if the session was closed meanwhile.
-            self._tasks.wait(session.submit(self.logic.worker, operation, ras, positive),
+            self._tasks.wait(session.submit(self.logic.worker, operation, ras, positive, **options),
                              lambda done: self.onOperationFinished(done.apply()),
                              onError=lambda e: (self._showError(e), self.showPrompts()))
 
@@ -493,7 +513,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addSegmentButton.enabled = segmentation is not None
         self.ui.undoButton.enabled = bool(session and session.can_undo) and not busy
         self.ui.redoButton.enabled = bool(session and session.can_redo) and not busy
-        self.ui.resetButton.enabled = bool(session and session.clicks) and not busy
+        self.ui.resetButton.enabled = bool(session and session.prompts) and not busy
         self.ui.acceptButton.enabled = session is not None and not busy
         self.ui.exportButton.enabled = bool(volume and segmentation)
         n = len(session.clicks) if session else 0
@@ -526,6 +546,7 @@ class FastSAM3DWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeShortcuts()
         keys = [("i", lambda: self._toggleFromKey(self.ui.includePointButton)),
                 ("e", lambda: self._toggleFromKey(self.ui.excludePointButton)),
+                ("m", self.onMarkupsPrompt),
                 ("z", self.onUndo), ("Ctrl+Z", self.onUndo),
                 ("y", self.onRedo), ("Ctrl+Y", self.onRedo)]
         for key, callback in keys:
@@ -767,7 +788,7 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
     def getSession(self, volume, segmentation, segmentId, create=True, overwriteOtherSegments=False):
         key = self._key(volume, segmentation, segmentId)
         session = self._sessions.get(key)
-        if session is not None and session.overwrite_other_segments != bool(overwriteOtherSegments) and not session.clicks:
+        if session is not None and session.overwrite_other_segments != bool(overwriteOtherSegments) and not session.prompts:
             self.closeSession(volume, segmentation, segmentId)
             session = None
         if session is None and create:
@@ -793,10 +814,15 @@ class FastSAM3DLogic(ScriptedLoadableModuleLogic):
         self._sessions = {}
 
     # -- synchronous API (scripts, self-test) --------------------------------------------
-    def run(self, operation, volume, segmentation, segmentId, ras=None, positive=True):
-        """One click/undo/redo/reset: engine on the worker, write here. Blocks."""
+    def run(self, operation, volume, segmentation, segmentId, ras=None, positive=True, **options):
+        """One prompt/undo/redo/reset: engine on the worker, write here. Blocks."""
         session = self.getSession(volume, segmentation, segmentId)
-        return session.submit(self.worker, operation, ras, positive).result().apply()
+        return session.submit(self.worker, operation, ras, positive, **options).result().apply()
+
+    def addMarkupsPrompt(self, volume, segmentation, segmentId, markupsNode, positive=True):
+        """An ROI (box), curve (scribble) or closed curve (lasso) as one prompt. Blocks."""
+        kind, ras, positive, options = bridge().shapes.markups_prompt(markupsNode, positive)
+        return self.run(kind, volume, segmentation, segmentId, ras, positive, **options)
 
     def addClick(self, volume, segmentation, segmentId, ras, positive=True):
         return self.run("click", volume, segmentation, segmentId, ras, positive)
@@ -836,6 +862,8 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_FastSAM3D_clicks_undo_export()
+        self.setUp()
+        self.test_FastSAM3D_markups_prompts()
         self.setUp()
         self.test_FastSAM3D_widget_and_shortcuts()
 
@@ -894,6 +922,47 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         logic.closeAllSessions()
         self.delayDisplay("Test passed")
 
+    def test_FastSAM3D_markups_prompts(self):
+        """A Markups ROI (box), curve (scribble) and closed curve (negative lasso)
+        as prompts through the logic, one undo step each."""
+        logic = getLogic()
+        logic.setupPythonRequirements(askConfirmation=False)
+        volume = self._volume()
+        segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        segmentId = segmentation.GetSegmentation().AddEmptySegment("", "prompts")
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        c = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2, (bounds[4] + bounds[5]) / 2]
+        roi = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+        roi.SetCenter(*c)
+        roi.SetSize(30.0, 30.0, 30.0)
+        curve = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "scribble")
+        for d in (-8, 0, 8):
+            curve.AddControlPointWorld(c[0] + d, c[1], c[2])
+        lasso = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "lasso")
+        for dr, da in ((-5, -5), (5, -5), (5, 5), (-5, 5)):
+            lasso.AddControlPointWorld(c[0] + dr, c[1] + da, c[2])
+        b = bridge()
+        counts = [0]
+        for node, positive, kind in ((roi, True, "box"), (curve, True, "scribble"), (lasso, False, "lasso")):
+            self.delayDisplay(f"{node.GetName()} as a {kind} prompt")
+            try:
+                info = logic.addMarkupsPrompt(volume, segmentation, segmentId, node, positive)
+            except RuntimeError as e:            # a model without box prompts: one clear line
+                self.assertEqual(kind, "box")
+                self.assertNotIn("\n", str(e))
+                self.delayDisplay(f"Box refused: {e}")
+                continue
+            self.assertEqual(info.operation, kind)
+            counts.append(int(b.read_segment(segmentation, segmentId, volume).sum()))
+        for expected in counts[-2::-1]:
+            logic.undo(volume, segmentation, segmentId)
+            self.assertEqual(int(b.read_segment(segmentation, segmentId, volume).sum()), expected)
+        logic.closeAllSessions()
+        self.delayDisplay("Test passed")
+
     def test_FastSAM3D_widget_and_shortcuts(self):
         """The module GUI loads, and its shortcuts exist only while it is shown."""
         self.delayDisplay("Module GUI")
@@ -904,6 +973,7 @@ class FastSAM3DTest(ScriptedLoadableModuleTest):
         slicer.util.selectModule("FastSAM3D")
         widget = slicer.modules.fastsam3d.widgetRepresentation().self()
         self.assertTrue(len(widget._shortcuts) > 0)
+        self.assertIn("vtkMRMLMarkupsROINode", widget.ui.markupsPromptSelector.nodeTypes)
         slicer.util.selectModule("Data")
         self.assertEqual(len(widget._shortcuts), 0)
         self.delayDisplay("Test passed")

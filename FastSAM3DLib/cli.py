@@ -1,4 +1,4 @@
-"""``fastsam3d``: segment scans from point clicks, evaluate models, benchmark, train."""
+"""``fastsam3d``: segment scans from point clicks and boxes, evaluate models, benchmark, train."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _log(message: str) -> None:
 
 # "--point -60,20,-110": argparse takes a value that starts with "-" for an option
 # (only plain negative numbers are exempt), so such values are joined to their option.
-_POINT_OPTIONS = ("--point", "--negative")
+_POINT_OPTIONS = ("--point", "--negative", "--box")
 _UNSIGNED = r"(\d+\.?\d*|\.\d+)(e[-+]?\d+)?"
 _NEGATIVE_POINT = re.compile(rf"^-{_UNSIGNED}(\s*,\s*[-+]?{_UNSIGNED})*$", re.IGNORECASE)
 
@@ -52,6 +52,18 @@ def _parse_point(text: str) -> tuple[float, float, float]:
     return values
 
 
+def _parse_box(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """'X1,Y1,Z1,X2,Y2,Z2' -> two opposite corners."""
+    try:
+        values = tuple(float(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 6:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a box: write X1,Y1,Z1,X2,Y2,Z2 (two opposite "
+                                         "corners, six numbers)")
+    return values[:3], values[3:]
+
+
 def _json_point(value) -> tuple[float, float, float]:
     if not isinstance(value, (list, tuple)):
         raise ValueError(f"{value!r} is not a point: write [x, y, z]")
@@ -61,13 +73,42 @@ def _json_point(value) -> tuple[float, float, float]:
         raise ValueError(str(exc)) from None
 
 
-class _ClickAction(argparse.Action):
-    """--point and --negative append to one list, keeping the order they were typed."""
+def _json_box(value) -> tuple:
+    if not (isinstance(value, (list, tuple)) and len(value) == 2):
+        raise ValueError(f"{value!r} is not a box: write [[x1, y1, z1], [x2, y2, z2]] (two opposite corners)")
+    return tuple(_json_point(corner) for corner in value)
+
+
+def _json_curve(value, what: str) -> list:
+    """A scribble or lasso: {"points": [[x, y, z], ...], "positive": true}."""
+    if not (isinstance(value, dict) and isinstance(value.get("points"), list) and value["points"]):
+        raise ValueError(f"{value!r} is not a {what}: write {{\"points\": [[x, y, z], ...], \"positive\": true}}")
+    return [_json_point(p) for p in value["points"]]
+
+
+class _PromptAction(argparse.Action):
+    """--point, --negative and --box append to one list, keeping the order they were typed."""
 
     def __call__(self, parser, namespace, value, option_string=None):
-        clicks = getattr(namespace, "clicks", None) or []
-        clicks.append((value, self.const))
-        namespace.clicks = clicks
+        prompts = getattr(namespace, "prompt_list", None) or []
+        prompts.append(("box", value, True) if option_string == "--box" else ("click", value, self.const))
+        namespace.prompt_list = prompts
+
+
+def _json_prompts(obj: dict) -> list[tuple]:
+    """An object's prompts in the order they are given: its box first, then its
+    clicks (ordered "clicks", or "points" then "negative"), scribbles and lassos."""
+    prompts = [("box", _json_box(obj["box"]), True)] if "box" in obj else []
+    if "clicks" in obj:         # ordered: [{"point": [x, y, z], "positive": true}, ...]
+        if not all(isinstance(c, dict) for c in obj["clicks"]):
+            raise ValueError('each of "clicks" is {"point": [x, y, z], "positive": true}')
+        prompts += [("click", _json_point(c.get("point")), bool(c.get("positive", True))) for c in obj["clicks"]]
+    else:                       # positives first, then negatives
+        prompts += ([("click", _json_point(p), True) for p in obj.get("points", [])]
+                    + [("click", _json_point(p), False) for p in obj.get("negative", [])])
+    for kind, key in (("scribble", "scribbles"), ("lasso", "lassos")):
+        prompts += [(kind, _json_curve(c, kind), bool(c.get("positive", True))) for c in obj.get(key, [])]
+    return prompts
 
 
 def _objects_from_args(args) -> list[dict]:
@@ -79,21 +120,20 @@ def _objects_from_args(args) -> list[dict]:
         space = spec.get("space", args.space)
         objects = []
         for n, obj in enumerate(spec.get("objects", []), start=1):
-            if "clicks" in obj:     # ordered: [{"point": [x, y, z], "positive": true}, ...]
-                clicks = [(_json_point(c.get("point")), bool(c.get("positive", True))) for c in obj["clicks"]]
-            else:                   # positives first, then negatives
-                clicks = ([(_json_point(p), True) for p in obj.get("points", [])]
-                          + [(_json_point(p), False) for p in obj.get("negative", [])])
-            if not any(positive for _, positive in clicks):
-                raise ValueError(f"object {n} of {args.prompts} has no positive point")
+            try:
+                prompts = _json_prompts(obj)
+            except ValueError as exc:
+                raise ValueError(f"object {n} of {args.prompts}: {exc}") from None
+            if not any(positive for _, _, positive in prompts):
+                raise ValueError(f"object {n} of {args.prompts} has no positive point or box")
             objects.append({"label": int(obj.get("label", n)), "name": obj.get("name", f"object {n}"),
-                            "clicks": clicks, "space": obj.get("space", space)})
+                            "prompts": prompts, "space": obj.get("space", space)})
         if not objects:
             raise ValueError(f"{args.prompts} lists no objects (expected {{\"objects\": [...]}})")
         return objects
-    if not args.clicks or not any(positive for _, positive in args.clicks):
-        raise ValueError("give at least one --point (a positive click) or --prompts FILE.json")
-    return [{"label": 1, "name": "object", "clicks": args.clicks, "space": args.space}]
+    if not args.prompt_list or not any(positive for _, _, positive in args.prompt_list):
+        raise ValueError("give at least one --point (a positive click) or --box, or --prompts FILE.json")
+    return [{"label": 1, "name": "object", "prompts": args.prompt_list, "space": args.space}]
 
 
 def _refuse_random_weights(args) -> None:
@@ -111,10 +151,22 @@ def _refuse_random_weights(args) -> None:
 def _check_points(image, objects) -> None:
     from .image import ImageError, format_numbers, is_inside, point_to_lps
     for obj in objects:
-        for point, _ in obj["clicks"]:
-            if not is_inside(image, point_to_lps(image, point, obj["space"])):
+        for kind, point, _ in obj["prompts"]:
+            if kind == "click" and not is_inside(image, point_to_lps(image, point, obj["space"])):
                 raise ImageError(f"the point {format_numbers(point, 2)} ({obj['space']}) of {obj['name']} "
                                  "lies outside the image")
+
+
+def _add_prompt(session, kind: str, value, positive: bool, space: str):
+    if kind == "box":
+        return session.add_box(*value, space=space), f"box {value[0]} .. {value[1]}"
+    if kind == "scribble":
+        return session.add_scribble(value, positive=positive, space=space), \
+            f"{'+' if positive else '-'} scribble of {len(value)} points"
+    if kind == "lasso":
+        return session.add_lasso(value, positive=positive, space=space), \
+            f"{'+' if positive else '-'} lasso of {len(value)} points"
+    return session.add_click(value, positive=positive, space=space), f"{'+' if positive else '-'} click at {value}"
 
 
 def cmd_segment(args) -> int:
@@ -139,9 +191,12 @@ def cmd_segment(args) -> int:
     empty = []
     for obj in objects:
         session = engine.new_session(image)
-        for point, positive in obj["clicks"]:
-            result = session.add_click(point, positive=positive, space=obj["space"])
-            _log(f"  {obj['name']}: {'+' if positive else '-'} click at {point} -> "
+        for kind, value, positive in obj["prompts"]:
+            try:
+                result, described = _add_prompt(session, kind, value, positive, obj["space"])
+            except (ValueError, RuntimeError) as exc:
+                raise type(exc)(f"{obj['name']}: {exc}") from None
+            _log(f"  {obj['name']}: {described} -> "
                  f"{result.timings['total'] * 1000:.0f} ms{' (region embedded)' if result.reembedded else ''}")
         mask = session.mask()
         free = mask & (labelmap == 0)              # never overwrite an earlier object
@@ -170,6 +225,10 @@ def cmd_evaluate(args) -> int:
 
     if args.clicks < 1:
         raise ValueError("--clicks must be at least 1")
+    if not 0 <= args.box_jitter < 1:
+        raise ValueError("--box-jitter must be a fraction of the box's extent from 0 to below 1")
+    if args.box_jitter and args.first_prompt != "box":
+        raise ValueError("--box-jitter needs --first-prompt box")
     for option in ("jobs", "seeds", "min_voxels", "max_targets_per_case", "threads"):
         value = getattr(args, option)
         if value is not None and value < 1:
@@ -214,16 +273,18 @@ def cmd_evaluate(args) -> int:
     threads = args.threads or ev.threads_per_job(args.jobs)
     settings = ev.Settings(model=args.model, device=args.device, rule=args.rule, clicks=args.clicks,
                            seeds=seeds, baseline=args.baseline, ceiling=ceiling, threads=threads,
-                           spacing=args.spacing)
+                           spacing=args.spacing, first_prompt=args.first_prompt, box_jitter=args.box_jitter)
     engine = None
     if args.jobs == 1:
         import torch
 
-        from .session import Engine
+        from .session import Engine, require_box_prompts
         torch.set_num_threads(threads)
         engine = Engine(model=args.model, device=args.device, spacing=args.spacing)
         _log(f"model {engine.model.config.name} on {engine.device_description}; "
              f"crop spacing {engine.spacing_setting}")
+        if args.first_prompt == "box":
+            require_box_prompts(engine.model)
     _log(f"{len(tasks)} targets in {len(cases)} cases; rule {args.rule} ({len(seeds)} seed(s)), "
          f"{args.clicks} clicks; {args.jobs} process(es) x {threads} thread(s)")
     bar = tqdm(total=len(tasks), desc="targets", unit="target", file=sys.stderr)
@@ -232,7 +293,10 @@ def cmd_evaluate(args) -> int:
     bar.close()
     seconds = time.perf_counter() - started
     summary = ev.summarise(results, args.clicks, subsets)
-    print(f"targets with >= {args.min_voxels} voxels; rule {args.rule}"
+    jitter = f" (jitter {args.box_jitter:g} of its extent)" if args.box_jitter else ""
+    first = (f"first prompt: the target's bounding box{jitter}, then clicks; Dice@k after k prompts "
+             "(box + k-1 clicks; sphere: the box's inscribed ellipsoid); " if args.first_prompt == "box" else "")
+    print(f"targets with >= {args.min_voxels} voxels; {first}rule {args.rule}"
           f"{f' (seeds {seeds[0]}..{seeds[-1]}: mean±sd over seeds)' if len(seeds) > 1 else ''}; "
           f"Dice on each scan's own grid; model {args.model}")
     print(ev.format_table(summary, per_target=args.per_target))
@@ -243,6 +307,7 @@ def cmd_evaluate(args) -> int:
         ev.write_json(args.json, summary, results, {
             "model": args.model, "device": args.device, "rule": args.rule, "clicks": args.clicks,
             "seeds": list(seeds), "baseline": args.baseline, "ceiling": list(ceiling),
+            "first_prompt": args.first_prompt, "box_jitter": args.box_jitter,
             "fit_min_spacing_mm": ev.FIT_MIN_SPACING_MM, "min_voxels": args.min_voxels,
             "max_targets_per_case": args.max_targets_per_case, "cases": [c.name for c in cases],
             "subsets": [{"name": n, "case": c, "labels": ids} for n, c, ids in subsets],
@@ -259,25 +324,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     seg = sub.add_parser(
         "segment", help="segment objects in a scan from positive/negative points",
-        description="Segment one object (or several with --prompts) in a 3D scan from clicks, "
+        description="Segment one object (or several with --prompts) in a 3D scan from clicks and a box, "
                     "and write a labelmap on exactly the scan's voxel grid.",
         epilog="Example: fastsam3d segment ct.nii.gz -o liver.nii.gz --point -60,20,-110 --space ras. "
                "Exit status: 0 written, 1 an object came out empty (reported), 2 error (nothing written).")
     seg.add_argument("image", help="the scan: NIfTI, NRRD, MHA, ... file or a DICOM series folder")
     seg.add_argument("-o", "--output", required=True,
                      help="labelmap to write (.nii.gz, .nii, .nrrd or .mha); written only when complete")
-    seg.add_argument("--point", type=_parse_point, action=_ClickAction, const=True, dest="clicks",
+    seg.add_argument("--point", type=_parse_point, action=_PromptAction, const=True, dest="prompt_list",
                      metavar="X,Y,Z", help="a positive click: a point inside the object (repeatable)")
-    seg.add_argument("--negative", type=_parse_point, action=_ClickAction, const=False, dest="clicks",
+    seg.add_argument("--negative", type=_parse_point, action=_PromptAction, const=False, dest="prompt_list",
                      metavar="X,Y,Z", help="a negative click: a point that must stay outside (repeatable)")
+    seg.add_argument("--box", type=_parse_box, action=_PromptAction, dest="prompt_list",
+                     metavar="X1,Y1,Z1,X2,Y2,Z2",
+                     help="a box around the object: two opposite corners in --space, axis-aligned in its axes "
+                          "(voxel axes for ijk); with the points, in the order given (a later box replaces an "
+                          "earlier one). Needs a model with box prompts (the bundled default model)")
     seg.add_argument("--space", choices=("ras", "lps", "ijk"), default="ras", help=SPACE_HELP)
     seg.add_argument("--random-weights", action="store_true",
                      help="allow --model fastsam3d / sam-med3d / fastsam3d-teacher without weights: an "
                           "untrained model (meaningless masks; for testing the pipeline only)")
     seg.add_argument("--prompts", metavar="FILE.json",
                      help='several objects: {"space": "ras", "objects": [{"label": 1, "name": "liver", '
-                          '"points": [[x,y,z]], "negative": [[x,y,z]]}, ...]}; each object gets its label, '
-                          'and no object overwrites an earlier one')
+                          '"box": [[x1,y1,z1],[x2,y2,z2]], "points": [[x,y,z]], "negative": [[x,y,z]], '
+                          '"scribbles": [{"points": [[x,y,z], ...], "positive": true}], "lassos": [...]}, ...]}; '
+                          'the box comes first; each object gets its label, and no object overwrites an '
+                          'earlier one')
     _model_options(seg)
     seg.set_defaults(func=cmd_segment)
 
@@ -307,6 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="click rule: 'center' = deterministic (distance-transform centre of the largest "
                          "error), 'reference' = the SAM-Med3D/FastSAM3D rule (RITM, then random; seeded)")
     ev.add_argument("--clicks", type=int, default=10, help="clicks per object (default 10)")
+    ev.add_argument("--first-prompt", choices=("click", "box"), default="click",
+                    help="'box': the first prompt is the target's bounding box (world axes, from the label), "
+                         "then --clicks - 1 clicks of --rule; Dice@k is after k prompts (needs a model with box "
+                         "prompts, e.g. the bundled default model)")
+    ev.add_argument("--box-jitter", type=float, default=0.0, metavar="F",
+                    help="with --first-prompt box: move each box coordinate by up to F of the box's extent "
+                         "(uniform, seeded; default 0)")
     ev.add_argument("--seed", type=int, default=2023, help="first random seed of the 'reference' rule")
     ev.add_argument("--seeds", type=int, default=3,
                     help="seeds of the 'reference' rule (seed, seed+1, ...; mean and spread; default 3)")

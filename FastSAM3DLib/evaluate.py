@@ -154,6 +154,9 @@ class ModelMethod:
         k, j, i = index_kji
         self.session.add_click((i, j, k), positive=positive, space="ijk")
 
+    def add_box(self, box_lps) -> None:
+        self.session.add_box(box_lps[0], box_lps[1], space="lps")
+
     def mask(self) -> np.ndarray:
         return self.session.mask()
 
@@ -168,7 +171,7 @@ class SphereBaseline:
     def __init__(self, image: sitk.Image, positive_radius_mm: float = POSITIVE_RADIUS_MM,
                  negative_radius_mm: float = NEGATIVE_RADIUS_MM):
         self.shape = tuple(image.GetSize()[::-1])
-        self._index_to_mm, _ = _index_to_lps_affine(image)          # (i, j, k) offset -> LPS mm
+        self._index_to_mm, self._origin = _index_to_lps_affine(image)     # (i, j, k) -> LPS mm
         self._mm_to_index = np.linalg.inv(self._index_to_mm)
         self.positive_radius_mm = positive_radius_mm
         self.negative_radius_mm = negative_radius_mm
@@ -195,6 +198,20 @@ class SphereBaseline:
         else:
             self._mask[slices] &= ~block
 
+    def add_box(self, box_lps) -> None:
+        """A box prompt paints the ellipsoid inscribed in the (LPS axis-aligned) box."""
+        low, high = np.asarray(box_lps, dtype=float)
+        centre, half = (low + high) / 2, np.maximum((high - low) / 2, 1e-6)
+        origin = self._origin
+        corners = np.stack(np.meshgrid(*zip(low, high), indexing="ij"), -1).reshape(-1, 3)
+        index = (corners - origin) @ self._mm_to_index.T                   # (i, j, k)
+        lo = np.maximum(np.floor(index.min(0)).astype(int), 0)
+        hi = np.minimum(np.ceil(index.max(0)).astype(int) + 1, self.shape[::-1])
+        i, j = np.meshgrid(np.arange(lo[0], hi[0]), np.arange(lo[1], hi[1]), indexing="xy")
+        for k in range(lo[2], hi[2]):
+            lps = np.stack([i, j, np.full_like(i, k)], -1) @ self._index_to_mm.T + origin
+            self._mask[k, lo[1]:hi[1], lo[0]:hi[0]] |= (((lps - centre) / half) ** 2).sum(-1) <= 1
+
     def mask(self) -> np.ndarray:
         return self._mask.copy()
 
@@ -207,8 +224,9 @@ class Run:
     """One method on one target with one seed of the click rule."""
     method: str
     seed: int
-    dice: list[float]                            # after click 1, 2, ...
+    dice: list[float]                            # after prompt 1, 2, ... (with a box first: the box, then clicks)
     clicks: list[tuple[tuple[int, int, int], bool]] = field(default_factory=list)   # (k, j, i), positive
+    box_lps: list[list[float]] | None = None     # the first prompt's box (LPS min, max corners)
 
     def dice_at(self, n: int) -> float:
         if not self.dice:
@@ -216,15 +234,37 @@ class Run:
         return self.dice[min(n, len(self.dice)) - 1]
 
 
+def target_box_lps(image: sitk.Image, gt: np.ndarray, jitter: float = 0.0,
+                   rng: np.random.Generator | None = None) -> np.ndarray:
+    """(2, 3) LPS min and max corners of the target's voxel centres (world axes,
+    as training's crop boxes), each coordinate moved by up to ``jitter`` of the
+    box's extent along it (uniform; a user's box is not exact)."""
+    lps = _voxel_lps(image, gt)
+    box = np.stack([lps.min(0), lps.max(0)])
+    if jitter:
+        box = box + jitter * (box[1] - box[0]) * rng.uniform(-1, 1, size=(2, 3))
+    return np.sort(box, axis=0)
+
+
 def simulate(method, image: sitk.Image, gt: np.ndarray, rule: str, n_clicks: int, seed: int,
-             name: str = "") -> Run:
-    """``n_clicks`` clicks of ``rule`` against the method's own previous mask."""
+             name: str = "", first_prompt: str = "click", box_jitter: float = 0.0) -> Run:
+    """``n_clicks`` prompts against the method's own previous mask: clicks of
+    ``rule``, or with ``first_prompt`` "box" the target's box (``target_box_lps``)
+    and then ``n_clicks`` - 1 clicks (numbered from the first click)."""
     rng = np.random.default_rng(seed)
     spacing_kji = np.array(image.GetSpacing())[::-1]
     run = Run(name, seed, [])
     pred = np.zeros_like(gt, dtype=bool)
-    for n in range(n_clicks):
-        click = simulate_click(rule, n, pred, gt, rng, spacing_kji)
+    first_click = 0
+    if first_prompt == "box":
+        box = target_box_lps(image, gt, box_jitter, rng)
+        method.add_box(box)
+        pred = method.mask()
+        run.box_lps = box.tolist()
+        run.dice.append(dice(pred, gt))
+        first_click = 1
+    for n in range(first_click, n_clicks):
+        click = simulate_click(rule, n - first_click, pred, gt, rng, spacing_kji)
         if click is None:                       # nothing left to correct
             run.dice.append(run.dice[-1] if run.dice else dice(pred, gt))
             continue
@@ -388,6 +428,8 @@ class Settings:
     ceiling: tuple[str, ...] = ()
     threads: int = 1
     spacing: str | float | None = None          # crop spacing: auto, fixed, mm (None: the model's default)
+    first_prompt: str = "click"                 # "box": the target's box, then clicks
+    box_jitter: float = 0.0                     # of the box's extent, per corner coordinate
 
 
 @dataclass
@@ -428,9 +470,12 @@ class Evaluator:
         gt = label == target.label
         runs = []
         for seed in s.seeds:
-            runs.append(simulate(ModelMethod(self.engine, image), image, gt, s.rule, s.clicks, seed, "model"))
+            prompts = {"first_prompt": s.first_prompt, "box_jitter": s.box_jitter}
+            runs.append(simulate(ModelMethod(self.engine, image), image, gt, s.rule, s.clicks, seed, "model",
+                                 **prompts))
             if s.baseline == "sphere":
-                runs.append(simulate(SphereBaseline(image), image, gt, s.rule, s.clicks, seed, "sphere"))
+                runs.append(simulate(SphereBaseline(image), image, gt, s.rule, s.clicks, seed, "sphere",
+                                     **prompts))
         ceilings = ceilings_for_target(image, gt, list(s.ceiling), self.engine.roi_size,
                                        self.engine.model.low_res_size, self.engine.spacing_mm) \
             if s.ceiling else []

@@ -35,9 +35,12 @@ import torch.nn.functional as F
 
 from .acceleration import ModelRunner
 from .build import build_model, resolve_device
-from .image import (ImageError, bounding_box, format_numbers, is_inside, load_image, point_to_lps,
-                    validate_image)
+from .image import (ImageError, bounding_box, format_numbers, is_inside, load_image, lps_to_continuous_index,
+                    point_to_lps, validate_image)
 from .model import Sam3D
+from .prompts import (SCRIBBLE_MAX_POINTS, PhysicalBox, box_corners_lps, lasso_region, points_to_lps,
+                      check_thickness_mm, resample_polyline, slice_frame,
+                      slice_thickness_mm)
 from .roi import (MaskPatch, RoiGeometry, extract_roi, logits_to_patch, positive_box_on_image,
                   roi_box_on_image, roi_for_point)
 
@@ -85,9 +88,10 @@ def parse_spacing(value) -> str | float:
 @dataclass(frozen=True)
 class PhysicalClick:
     """A user's click at a physical point (LPS, mm); ``clicks.Click`` is a
-    simulated click at a voxel index."""
+    simulated click at a voxel index. ``source``: "click", "scribble" or "lasso"."""
     point_lps: tuple[float, float, float]
     positive: bool
+    source: str = "click"
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,10 +125,11 @@ class MaskUpdate:
 
 @dataclass(frozen=True)
 class _Step:
-    """One state of the undo history: the clicks and the tiles (crops and
-    logits) they produced; the mask is recomputed from the tiles."""
+    """One state of the undo history: the prompts (clicks, the object's box)
+    and the tiles (crops and logits) they produced; the mask is recomputed from the tiles."""
     clicks: tuple[PhysicalClick, ...] = ()
     tiles: tuple[Tile, ...] = ()
+    box: PhysicalBox | None = None
 
 
 def _cropped(start_kji, array: np.ndarray) -> MaskPatch | None:
@@ -283,12 +288,13 @@ class RoiPolicy:
         finer = [s for s in self.steps if s < wanted]
         return bool(finer) and roi.spacing == finer[-1] and self.fits(box_lps, roi.spacing)
 
-    def plan(self, click: PhysicalClick, clicks, tiles, mask_box_lps) -> list[RoiGeometry]:
-        """The crops of the pass for ``click`` (the newest of ``clicks``)."""
+    def plan(self, click: PhysicalClick, clicks, tiles, mask_box_lps, box: PhysicalBox | None = None
+             ) -> list[RoiGeometry]:
+        """The crops of the pass for ``click`` (the newest of ``clicks``); ``box``: the object's box."""
         p = np.asarray(click.point_lps)
         if not tiles:
             return [self.crop(p, self.initial_spacing)] if click.positive else []
-        box = _object_box(clicks, mask_box_lps)
+        box = _object_box(clicks, mask_box_lps, box)
         containing = list(dict.fromkeys(t.roi for t in tiles if t.roi.contains(p, self.margin)))
         staying = [roi for roi in containing if self.suits(roi, box)]
         if staying:
@@ -304,23 +310,52 @@ class RoiPolicy:
         # A positive click starts a tile of its own; a negative one re-runs the crops holding it.
         return [self.crop(p, spacing)] if click.positive else containing
 
-    def zoom(self, ran, clicks, mask_box_lps) -> RoiGeometry | None:
+    def plan_box(self, box: PhysicalBox) -> list[RoiGeometry]:
+        """A new box states the object's extent: one crop centred on it at the
+        spacing its extent wants (the coarsest step if it is bigger than every crop)."""
+        bounds = box.bounds_lps
+        return [self.crop(bounds.mean(axis=0), self.spacing_for(float(np.max(bounds[1] - bounds[0]))))]
+
+    def plan_points(self, new_clicks, clicks, tiles, mask_box_lps, box: PhysicalBox | None = None
+                    ) -> list[RoiGeometry]:
+        """The crops of the pass for several clicks of one sign added at once
+        (a scribble, a lasso's interior points). A new positive object: one crop
+        centred on their extent (no finer than a first click's); else each
+        click's ``plan``, except for clicks a planned crop already holds."""
+        if len(new_clicks) == 1:
+            return self.plan(new_clicks[0], clicks, tiles, mask_box_lps, box)
+        points = np.array([c.point_lps for c in new_clicks])
+        if not tiles:
+            if not new_clicks[0].positive:
+                return []
+            extent = float(np.max(points.max(0) - points.min(0)))
+            centre = (points.max(0) + points.min(0)) / 2
+            return [self.crop(centre, max(self.initial_spacing, self.spacing_for(extent)))]
+        crops: list[RoiGeometry] = []
+        for click, p in zip(new_clicks, points):
+            if not any(roi.contains(p, self.margin) for roi in crops):
+                crops += [roi for roi in self.plan(click, clicks, tiles, mask_box_lps, box) if roi not in crops]
+        return crops
+
+    def zoom(self, ran, clicks, mask_box_lps, box: PhysicalBox | None = None) -> RoiGeometry | None:
         """The crop to re-run on at once after a pass on ``ran`` (``refine``):
         the object's own crop when that one does not suit it; else None."""
         if not self.refine or self.setting != "auto" or len(ran) != 1:
             return None
-        box = _object_box(clicks, mask_box_lps)
+        box = _object_box(clicks, mask_box_lps, box)
         if self.suits(ran[0], box):
             return None
         spacing = self.spacing_for(float(np.max(box[1] - box[0])))
         return self.crop(box.mean(axis=0), spacing) if self.fits(box, spacing) else None
 
 
-def _object_box(clicks, mask_box_lps) -> np.ndarray:
-    """(2, 3) LPS min/max of the mask's box and the positive clicks."""
+def _object_box(clicks, mask_box_lps, box: PhysicalBox | None = None) -> np.ndarray:
+    """(2, 3) LPS min/max of the mask's box, the positive clicks and the box prompt."""
     points = [c.point_lps for c in clicks if c.positive]
     if mask_box_lps is not None:
         points += list(mask_box_lps)
+    if box is not None:
+        points += list(box.bounds_lps)
     points = np.asarray(points, dtype=float).reshape(-1, 3)
     return np.stack([points.min(0), points.max(0)])
 
@@ -547,6 +582,13 @@ class Engine:
 
 # -- one object ------------------------------------------------------------------
 
+def require_box_prompts(model: Sam3D) -> None:
+    """EngineError unless the model has box-corner embeddings."""
+    if not model.config.box_prompts:
+        raise EngineError(f"the model {model.config.name} has no box prompt (the official SAM-Med3D/FastSAM3D "
+                          "checkpoints have none): use the bundled default model, or clicks")
+
+
 class InteractiveSession:
     """One object being segmented on one image.
 
@@ -593,6 +635,16 @@ class InteractiveSession:
     @property
     def clicks(self) -> list[PhysicalClick]:
         return list(self._step.clicks)
+
+    @property
+    def box(self) -> PhysicalBox | None:
+        """The object's box prompt (one per object), None without one."""
+        return self._step.box
+
+    @property
+    def prompts(self) -> list[PhysicalBox | PhysicalClick]:
+        """Every prompt of the object in the order the model gets them: the box first, then the clicks."""
+        return ([self._step.box] if self._step.box is not None else []) + list(self._step.clicks)
 
     @property
     def tiles(self) -> tuple[Tile, ...]:
@@ -664,16 +716,19 @@ class InteractiveSession:
         return patch
 
     # -- clicks --------------------------------------------------------------
-    def _run_pass(self, crops, clicks, tiles, pass_index: int, counts: dict):
-        """Decoder passes on ``crops`` (each with the clicks inside it and the
-        object's logits carried over as mask prompt) -> new tiles."""
+    def _run_pass(self, crops, clicks, box, newest: int, tiles, pass_index: int, counts: dict):
+        """Decoder passes on ``crops`` (each with the box, as its two corners
+        first, and the clicks inside it, and the object's logits carried over
+        as mask prompt) -> new tiles. ``newest``: how many of ``clicks`` the
+        step added (without ``accumulate_clicks`` only those are given)."""
         engine = self._calls
         s = engine.model.low_res_size
-        used = clicks if self.accumulate_clicks else clicks[-1:]
+        used = clicks if self.accumulate_clicks else clicks[len(clicks) - newest:]
         new, ious = [], []
         for roi in crops:
             inside = [c for c in used if roi.contains(np.array(c.point_lps), 0)]
-            if not inside:
+            corners = None if box is None else box.in_crop(roi)
+            if not inside and corners is None:
                 continue
             t0 = time.perf_counter()
             embedding, computed = engine.embedding(self.image, roi)
@@ -684,8 +739,10 @@ class InteractiveSession:
             else:
                 # The official loops give an all-zero mask prompt on the first click.
                 prompt = torch.zeros(1, 1, s, s, s, device=engine.device)
-            points = roi.lps_to_voxel(np.array([c.point_lps for c in inside]))
-            labels = np.array([int(c.positive) for c in inside])
+            points = roi.lps_to_voxel(np.array([c.point_lps for c in inside]).reshape(-1, 3))
+            labels = np.array([int(c.positive) for c in inside], dtype=np.int64)
+            if corners is not None:
+                points, labels = np.concatenate([corners, points]), np.concatenate([[2, 3], labels])
             t0 = time.perf_counter()
             logits, iou = engine.decode(embedding, points, labels, prompt)
             counts["decode"] += time.perf_counter() - t0
@@ -705,22 +762,31 @@ class InteractiveSession:
                 return [cached]
         return crops
 
-    def _click(self, click: PhysicalClick, started: float) -> MaskUpdate:
+    def _add_prompts(self, new_clicks: tuple[PhysicalClick, ...], box: PhysicalBox | None,
+                     started: float) -> MaskUpdate:
+        """One step: ``new_clicks`` (of one sign) and, if given, a new box for the object."""
         previous = self._step
         base = self._patch
-        clicks = previous.clicks + (click,)
+        clicks = previous.clicks + new_clicks
+        object_box = previous.box if box is None else box
         tiles = list(previous.tiles)
         counts = {"encoder_runs": 0, "encode": 0.0, "decode": 0.0}
-        crops = self.policy.plan(click, clicks, tiles, _mask_box_lps(self.image, base))
-        if not tiles:
-            crops = self._first_crop(crops)
+        mask_box = _mask_box_lps(self.image, base)
+        if box is not None:
+            crops = self.policy.plan_box(box)
+        else:
+            crops = self.policy.plan_points(new_clicks, clicks, tiles, mask_box, object_box)
+            if not tiles:
+                crops = self._first_crop(crops)
         next_pass = max((t.pass_index for t in tiles), default=-1) + 1
         patch, ran, ious, crops_run = base, [], [], []
         for zoom_pass in (False, True):            # the click's pass, then at most one zoom pass
             if zoom_pass:
-                zoomed = self.policy.zoom(ran, clicks, _mask_box_lps(self.image, patch)) if ran else None
+                zoomed = self.policy.zoom(ran, clicks, _mask_box_lps(self.image, patch), object_box) \
+                    if ran else None
                 crops = [zoomed] if zoomed is not None and zoomed not in ran else []
-            new, pass_ious = self._run_pass(crops, clicks, tiles, next_pass, counts)
+            new, pass_ious = self._run_pass(crops, clicks, object_box, len(new_clicks), tiles, next_pass,
+                                            counts)
             if not new:
                 break
             tiles = [t for t in tiles if not any(_roi_within(t.roi, n.roi) for n in new)] + new
@@ -734,7 +800,7 @@ class InteractiveSession:
             ran, ious = [t.roi for t in new], pass_ious
             crops_run += ran
             next_pass += 1
-        self._push(_Step(clicks, tuple(tiles)), patch)
+        self._push(_Step(clicks, tuple(tiles), object_box), patch)
         self.encoder_runs += counts["encoder_runs"]
         done = time.perf_counter()
         known = {t.roi for t in previous.tiles}
@@ -774,7 +840,81 @@ class InteractiveSession:
                              "lies outside the image")
         click = PhysicalClick(tuple(float(v) for v in p_lps), bool(positive))
         with self.engine._lock:
-            return self._with_cpu_fallback(lambda: self._click(click, started))
+            return self._with_cpu_fallback(lambda: self._add_prompts((click,), None, started))
+
+    def _box(self, corners_lps: np.ndarray, source: str, described: str) -> PhysicalBox:
+        """The box of these corners, if it meets the image."""
+        index = lps_to_continuous_index(self.image, corners_lps)
+        size = np.array(self.image.GetSize())
+        if np.any(index.max(0) < -0.5) or np.any(index.min(0) > size - 0.5):
+            raise ImageError(f"the {described} lies outside the image")
+        return PhysicalBox(tuple(tuple(float(v) for v in c) for c in corners_lps), source)
+
+    def add_box(self, corner_a, corner_b, space: str = "ras", *, slice_axes=None,
+                thickness_mm: float | None = None) -> MaskUpdate:
+        """Give the object's box (one undo step; it replaces the object's earlier
+        box, the clicks stay). ``corner_a``/``corner_b``: opposite corners in
+        ``space``, best the object's outermost points. Without ``slice_axes``:
+        a box axis-aligned in that space (RAS/LPS world axes, or the scan's voxel
+        axes for "ijk"). With ``slice_axes`` = (u, v), two in-plane directions of
+        a slice view in the same space (oblique ones too): a rectangle on that
+        slice, extruded by ``thickness_mm`` along u x v (default: one slice of
+        the scan along the normal, ``prompts.slice_thickness_mm``).
+
+        The model gets the bounding box of the corners in each crop's voxels,
+        clamped to the crop, as two points labelled 2 and 3 before the clicks;
+        the box centres the object's crop and its extent picks the spacing. A
+        model without box embeddings raises EngineError and nothing changes."""
+        started = time.perf_counter()
+        require_box_prompts(self.engine.model)
+        corners = box_corners_lps(self.image, corner_a, corner_b, space, slice_axes, thickness_mm)
+        box = self._box(corners, "box", f"box {format_numbers(corner_a, 2)} .. {format_numbers(corner_b, 2)} "
+                                        f"({space})")
+        with self.engine._lock:
+            return self._with_cpu_fallback(lambda: self._add_prompts((), box, started))
+
+    def _clicks_inside(self, points_lps, positive: bool, source: str, described: str):
+        inside = [p for p in points_lps if is_inside(self.image, p)]
+        if not inside:
+            raise ImageError(f"the {described} lies outside the image")
+        return tuple(PhysicalClick(tuple(float(v) for v in p), bool(positive), source) for p in inside)
+
+    def add_scribble(self, points, positive: bool = True, space: str = "ras",
+                     max_points: int = SCRIBBLE_MAX_POINTS) -> MaskUpdate:
+        """A +/- polyline (N, 3) in ``space``, resampled by arc length to at most
+        ``max_points`` (1 to ``prompts.SCRIBBLE_MAX_POINTS`` = 8) points at least
+        ``prompts.SCRIBBLE_MIN_GAP_MM`` (5 mm) apart, both ends included (a shorter
+        one: its midpoint), that become clicks of that sign in one undo step;
+        points outside the image are left out."""
+        started = time.perf_counter()
+        polyline = points_to_lps(self.image, points, space, "scribble")
+        clicks = self._clicks_inside(resample_polyline(polyline, max_points), positive, "scribble", "scribble")
+        with self.engine._lock:
+            return self._with_cpu_fallback(lambda: self._add_prompts(clicks, None, started))
+
+    def add_lasso(self, points, positive: bool = True, space: str = "ras", *, slice_axes=None,
+                  thickness_mm: float | None = None) -> MaskUpdate:
+        """A closed curve (N, 3) in ``space`` on one slice, one undo step. Its
+        filled region, on the slice plane of ``slice_axes`` (as in ``add_box``)
+        or else the points' best-fit plane (points are projected onto it),
+        gives a positive lasso a box (the region's extent: its outline at both
+        faces of a slab of ``thickness_mm``, default one slice; it replaces the
+        object's box) and
+        up to ``prompts.LASSO_MAX_POINTS`` (3) positive clicks at the region's
+        deepest points; on a model without box prompts only those clicks. A
+        negative lasso gives negative clicks at the deepest points (no box)."""
+        started = time.perf_counter()
+        curve = points_to_lps(self.image, points, space, "lasso")
+        frame = None if slice_axes is None else slice_frame(self.image, slice_axes, space)
+        region = lasso_region(curve, frame, cell_mm=min(self.image.GetSpacing()))
+        clicks = self._clicks_inside(region.interior_lps, positive, "lasso", "lasso's region")
+        box = None
+        if positive and self.engine.model.config.box_prompts:
+            thickness = (slice_thickness_mm(self.image, region.frame[2]) if thickness_mm is None
+                         else check_thickness_mm(thickness_mm))
+            box = self._box(region.slab_lps(thickness), "lasso", "lasso's region")
+        with self.engine._lock:
+            return self._with_cpu_fallback(lambda: self._add_prompts(clicks, box, started))
 
     @property
     def can_undo(self) -> bool:
@@ -797,7 +937,7 @@ class InteractiveSession:
             def embed():
                 step = self._step
                 crops = self.policy.plan(click, step.clicks + (click,), step.tiles,
-                                         _mask_box_lps(self.image, self._patch))
+                                         _mask_box_lps(self.image, self._patch), step.box)
                 if not step.tiles:
                     crops = self._first_crop(crops)
                 return any([self._calls.embedding(self.image, roi)[1] for roi in crops])

@@ -31,6 +31,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._tasks = None
         self._prompts = None              # display of the clicks (locked point lists)
         self._consumedRightPress = False
+        self._stroke = None               # (positive, slice node, [xy, ...]) while a drag is drawn
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -52,6 +53,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 (optional: the first click does it too).
 <li><b>Left click</b> in a slice view (any orientation): include point. <b>Right click</b>: exclude point.
 The preview updates after each click; only the small decoder runs.
+<li><b>Box</b>, <b>Scribble</b>, <b>Lasso</b>: drag in a slice view instead: a rectangle on the slice (the
+bundled model has box prompts), a stroke, or an outline of the region (right drag: remove).
 <li><b>Apply</b> adds the preview to the selected segment, which keeps everything it had (with <i>Replace the
 segment in the region</i>: the preview replaces the segment inside its region); masking and overlap settings
 apply; undo with Ctrl+Z.
@@ -76,6 +79,22 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         self.initializeButton.objectName = self.__class__.__name__ + "Initialize"
         self.initializeButton.setToolTip(_("Load the model and compute the embedding of the region in view."))
         self.scriptedEffect.addOptionsWidget(self.initializeButton)
+
+        toolsFrame = qt.QHBoxLayout()
+        self.toolButtons = {}
+        self.toolGroup = qt.QButtonGroup()
+        for tool, label, tip in [("point", _("Points"), _("Left click: include, right click: exclude.")),
+                                 ("box", _("Box"), _("Left drag: a box around the object, on this slice.")),
+                                 ("scribble", _("Scribble"), _("Drag a stroke: left adds, right removes.")),
+                                 ("lasso", _("Lasso"), _("Drag an outline: left adds its region, right removes it."))]:
+            button = qt.QRadioButton(label)
+            button.setToolTip(tip)
+            button.objectName = self.__class__.__name__ + "Tool" + tool.capitalize()
+            self.toolGroup.addButton(button)
+            self.toolButtons[tool] = button
+            toolsFrame.addWidget(button)
+        self.toolButtons["point"].checked = True
+        self.scriptedEffect.addLabeledOptionsWidget(_("Prompt:"), toolsFrame)
 
         self.undoClickButton = qt.QPushButton(_("Undo click"))
         self.redoClickButton = qt.QPushButton(_("Redo click"))
@@ -144,7 +163,7 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         self.initializeButton.enabled = not active and not busy
         self.undoClickButton.enabled = active and self.session.can_undo and not busy
         self.redoClickButton.enabled = active and self.session.can_redo and not busy
-        self.resetButton.enabled = active and bool(self.session.clicks) and not busy
+        self.resetButton.enabled = active and bool(self.session.prompts) and not busy
         self.applyButton.enabled = active and self.session.touched_box is not None and not busy
         self.cancelButton.enabled = active
 
@@ -156,16 +175,22 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         self.statusLabel.text = _("Left click: include, right click: exclude.")
 
     def deactivate(self):
+        self._stroke = None
         self.onCancel()
 
     def cleanup(self):
         if self._tasks:
             self._tasks.stop()
 
-    # -- clicks ------------------------------------------------------------------------
+    # -- clicks and drags ----------------------------------------------------------------
+    def tool(self):
+        return next(tool for tool, button in self.toolButtons.items() if button.checked)
+
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
+        if self._stroke is not None and self._processDrag(callerInteractor, eventId):
+            return True
         if callerInteractor.GetShiftKey() or callerInteractor.GetControlKey() or callerInteractor.GetAltKey():
             return False
         if eventId == vtk.vtkCommand.RightButtonReleaseEvent and self._consumedRightPress:
@@ -174,9 +199,35 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
         if eventId not in (vtk.vtkCommand.LeftButtonPressEvent, vtk.vtkCommand.RightButtonPressEvent):
             return False
         positive = eventId == vtk.vtkCommand.LeftButtonPressEvent
-        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
         self._consumedRightPress = not positive
+        if self.tool() != "point":
+            self._stroke = (positive, viewWidget.mrmlSliceNode(), [callerInteractor.GetEventPosition()])
+            return True
+        ras = self.xyToRas(callerInteractor.GetEventPosition(), viewWidget)
         self.addClick(ras, positive)
+        return True
+
+    def _processDrag(self, callerInteractor, eventId):
+        """A box, scribble or lasso being dragged: collect view positions; at the
+        release the bridge turns them into the prompt."""
+        positive, sliceNode, points = self._stroke
+        if eventId == vtk.vtkCommand.MouseMoveEvent:
+            points.append(callerInteractor.GetEventPosition())
+            return True
+        if eventId not in (vtk.vtkCommand.LeftButtonReleaseEvent, vtk.vtkCommand.RightButtonReleaseEvent):
+            return False
+        self._stroke = None
+        self._consumedRightPress = False
+        points.append(callerInteractor.GetEventPosition())
+        shapes = self._bridge().shapes
+        try:
+            prompt = shapes.slice_drag_prompt(self.tool(), sliceNode, shapes.slice_xy_to_ras(sliceNode, points),
+                                              positive)
+        except ValueError as e:
+            self._showError(e)
+            return True
+        if self._requirements():
+            self.runOperation(prompt.kind, prompt.ras, prompt.positive, **prompt.options)
         return True
 
     def _inputs(self):
@@ -249,7 +300,7 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
             return
         self.runOperation("click", ras, positive)
 
-    def runOperation(self, operation, ras=None, positive=True):
+    def runOperation(self, operation, ras=None, positive=True, **options):
         def withEngine(engine):
             session = self._ensurePreview()
 
@@ -265,11 +316,11 @@ With <i>Protect other segments</i> on, voxels of other segments are never taken.
                     clicks=info.clicks, total=1000 * t["total"], engine=1000 * t["engine"], write=1000 * t["write"])
                 self.updateGUIFromMRML()
 
-            self._tasks.wait(session.submit(self._logic().worker, operation, ras, positive), finished)
+            self._tasks.wait(session.submit(self._logic().worker, operation, ras, positive, **options), finished)
 
         if not self._logic().engineReady():
             self.statusLabel.text = _("Loading the model...")
-        elif self.session is None or not self.session.clicks:
+        elif self.session is None or not self.session.prompts:
             self.statusLabel.text = _("Computing the image embedding...")
         self._tasks.wait(self._logic().engineFuture(), withEngine)
 

@@ -5,7 +5,7 @@ Imports ``slicer`` (MRML, logics, util) and ``vtk`` only: never Qt, ctk or
 ``slicer-core`` wheel. Every function takes the scene's nodes as arguments.
 """
 
-from . import models
+from . import models, shapes
 from .export import ExportInfo, export_labelmap
 from .geometry import (GeometryError, local_to_world, oriented_image, ras_to_ijk, volume_to_image,
                        world_ijk_to_ras)
@@ -16,7 +16,7 @@ from .writer import (SegmentEditorLogicWriter, SegmentWriter, other_segments_mas
                      read_segment, read_segments, segment_ids)
 
 __all__ = [
-    "EngineWorker", "ExportInfo", "GeometryError", "PromptPoints", "clicks_ras", "SegmentEditorLogicWriter",
+    "EngineWorker", "shapes", "ExportInfo", "GeometryError", "PromptPoints", "clicks_ras", "SegmentEditorLogicWriter",
     "SegmentSession", "SegmentUpdate", "SegmentWriter", "export_labelmap", "forget_engines", "get_engine",
     "image_for_volume", "local_to_world", "Operation", "oriented_image", "other_segments_mask",
     "preview_labelmaps", "ras_to_ijk",

@@ -1,22 +1,25 @@
 """``SegmentSession``: clicks in world RAS -> FastSAM3D -> one segment of a segmentation.
 
-Every operation (click, undo, redo, reset) is one ``Operation`` in two halves,
-so that a GUI runs the engine on a worker thread and touches MRML only on the
-main thread; the module, the Segment Editor effect and the web app all use it:
+Every operation (a prompt: click, box, scribble or lasso; or undo, redo,
+reset) is one ``Operation`` in two halves, so that a GUI runs the engine on a
+worker thread and touches MRML only on the main thread; the module, the
+Segment Editor effect and the web app all use it:
 
     operation = session.operation("click", ras, positive)    # main thread
     operation.compute()                                      # engine only: any thread
     info = operation.apply()                                 # MRML only: main thread
 
-``session.run(kind, ...)`` (and ``add_click``/``undo``/``redo``/``reset``) do
-all three in one call. An operation whose session was closed meanwhile (scene
+``session.run(kind, ...)`` (and ``add_click``/``add_box``/``add_scribble``/
+``add_lasso``/``undo``/``redo``/``reset``) do all three in one call. Each
+prompt is one undo step. An operation whose session was closed meanwhile (scene
 closed, model or device changed, nodes removed) is dropped: ``apply`` returns
 None and writes nothing.
 
 The segment's content at the start of the session is its base layer: a write
 sets the engine result's box to ``base | prediction`` (negative clicks take
 base voxels away only where they removed predicted voxels), so voxels painted
-before are never lost; ``mode="replace"`` makes the box hold the prediction
+before are never lost (the same for every prompt: a negative prompt is a
+negative click); ``mode="replace"`` makes the box hold the prediction
 only. Undo, redo and reset rewrite the box from the same rule, so they restore
 the segment exactly. Edits made with other tools between two clicks are
 folded into the base.
@@ -36,13 +39,14 @@ from .geometry import (ensure_reference_geometry, local_to_world, volume_array,
 from .writer import SegmentEditorLogicWriter, read_segment, segment_ids
 
 MODES = ("add", "replace")
-OPERATIONS = ("click", "undo", "redo", "reset")
+PROMPTS = ("click", "box", "scribble", "lasso")
+OPERATIONS = PROMPTS + ("undo", "redo", "reset")
 
 
 @dataclass
 class SegmentUpdate:
     """What one operation did; timings in seconds."""
-    operation: str                      # "click", "undo", "redo", "reset"
+    operation: str                      # one of OPERATIONS
     changed: bool                       # something was written
     clicks: int                         # number of clicks now in the session
     reembedded: bool = False            # the engine (re)computed the ROI embedding
@@ -146,16 +150,75 @@ class _Mask:
         self.array = array
 
 
-class Operation:
-    """One click, undo, redo or reset of a SegmentSession (see the module doc)."""
+def _points(values, name, minimum) -> np.ndarray:
+    """World RAS points (N, 3), finite, at least ``minimum`` of them, or a clear error."""
+    try:
+        points = np.asarray(values, dtype=float).reshape(-1, 3)
+    except (TypeError, ValueError):
+        raise ValueError(f"a {name} needs RAS points (x, y, z)") from None
+    if len(points) < minimum or not np.all(np.isfinite(points)):
+        raise ValueError(f"a {name} needs at least {minimum} finite RAS point{'s' if minimum > 1 else ''}, "
+                         f"got {len(points)}")
+    return points
 
-    def __init__(self, session: "SegmentSession", kind: str, ras=None, positive=True):
+
+def _prompt_options(kind, options) -> dict:
+    """The engine's keyword options of a prompt, checked; None values left out
+    (the engine's defaults)."""
+    allowed = {"click": (), "box": ("slice_axes", "thickness_mm"), "scribble": ("max_points",),
+               "lasso": ("slice_axes", "thickness_mm")}[kind]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"a {kind} takes no option {', '.join(unknown)}")
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "slice_axes":
+            axes = np.asarray(value, dtype=float)
+            if axes.shape != (2, 3) or not np.all(np.isfinite(axes)):
+                raise ValueError(f"slice_axes must be two RAS directions (u, v), got {value!r}")
+            value = tuple(tuple(float(c) for c in axis) for axis in axes)
+        elif key == "thickness_mm":
+            value = float(value)
+            if not (np.isfinite(value) and value > 0):
+                raise ValueError(f"a {kind}'s thickness must be a positive number of mm, not {value!r}")
+        elif key == "max_points":
+            value = int(value)
+            if value < 1:
+                raise ValueError(f"max_points must be at least 1, not {value}")
+        out[key] = value
+    return out
+
+
+class Operation:
+    """One prompt, undo, redo or reset of a SegmentSession (see the module doc).
+
+    ras: the prompt in world RAS: one point (click), two opposite corners
+    (box), a polyline (scribble) or a closed curve (lasso). options: the
+    engine's options of the prompt (box and lasso: slice_axes, thickness_mm;
+    scribble: max_points).
+    """
+
+    def __init__(self, session: "SegmentSession", kind: str, ras=None, positive=True, **options):
         if kind not in OPERATIONS:
             raise ValueError(f"operation must be one of {', '.join(OPERATIONS)}, not {kind!r}")
         if kind == "click":
             ras = [float(v) for v in ras]
             if len(ras) != 3 or not np.all(np.isfinite(ras)):
                 raise ValueError(f"a click needs 3 finite RAS coordinates, got {tuple(ras)}")
+        elif kind == "box":
+            ras = _points(ras, "box", 1)
+            if len(ras) != 2:
+                raise ValueError(f"a box needs two RAS corners, got {len(ras)} points")
+            if not positive:
+                raise ValueError("a box prompt is positive only: use a negative scribble or lasso to remove")
+            ras = [tuple(float(v) for v in corner) for corner in ras]
+        elif kind in ("scribble", "lasso"):
+            ras = [tuple(float(v) for v in p) for p in _points(ras, kind, 3 if kind == "lasso" else 1)]
+        self.options = _prompt_options(kind, options) if kind in PROMPTS else {}
+        if kind not in PROMPTS and options:
+            raise ValueError(f"{kind} takes no options")
         self.session = session
         self.kind = kind
         self.ras = ras
@@ -178,6 +241,11 @@ class Operation:
         engine_session = self.session.engine_session
         if self.kind == "click":
             self.result = engine_session.add_click(self.ras, positive=self.positive, space="ras")
+        elif self.kind == "box":
+            self.result = engine_session.add_box(*self.ras, space="ras", **self.options)
+        elif self.kind in ("scribble", "lasso"):
+            self.result = getattr(engine_session, f"add_{self.kind}")(
+                self.ras, positive=self.positive, space="ras", **self.options)
         else:
             self.result = getattr(engine_session, self.kind)()
         self.engine_seconds = time.perf_counter() - started
@@ -265,6 +333,11 @@ class SegmentSession:
     def clicks(self) -> list:
         return [] if self._engine_session is None else list(self._engine_session.clicks)
 
+    @property
+    def prompts(self) -> list:
+        """The engine's prompts now in the session (a box, then the clicks, scribble and lasso points)."""
+        return [] if self._engine_session is None else list(self._engine_session.prompts)
+
     def clicks_ras(self) -> list:
         """[(ras, positive), ...] of the current clicks, world RAS."""
         from .prompts import clicks_ras
@@ -303,22 +376,36 @@ class SegmentSession:
                 and self.segmentation_node.GetSegmentation().GetSegment(self.segment_id) is not None)
 
     # -- operations -------------------------------------------------------------
-    def operation(self, kind, ras=None, positive=True) -> Operation:
-        """A click/undo/redo/reset to compute (worker) and then apply (main thread)."""
-        return Operation(self, kind, ras, positive)
+    def operation(self, kind, ras=None, positive=True, **options) -> Operation:
+        """A prompt/undo/redo/reset to compute (worker) and then apply (main thread)."""
+        return Operation(self, kind, ras, positive, **options)
 
-    def run(self, kind, ras=None, positive=True) -> SegmentUpdate | None:
+    def run(self, kind, ras=None, positive=True, **options) -> SegmentUpdate | None:
         """An operation computed and applied on the calling thread."""
-        return self.operation(kind, ras, positive).compute().apply()
+        return self.operation(kind, ras, positive, **options).compute().apply()
 
-    def submit(self, worker, kind, ras=None, positive=True):
+    def submit(self, worker, kind, ras=None, positive=True, **options):
         """An operation computed on ``worker`` (EngineWorker): a Future of the
         Operation, to ``apply()`` on the main thread once done."""
-        return worker.submit(self.operation(kind, ras, positive).compute)
+        return worker.submit(self.operation(kind, ras, positive, **options).compute)
 
     def add_click(self, ras, positive=True) -> SegmentUpdate:
         """Add a +/- click at world RAS ``ras`` and write the result."""
         return self.run("click", ras, positive)
+
+    def add_box(self, corner_a, corner_b, slice_axes=None, thickness_mm=None) -> SegmentUpdate:
+        """A box prompt in world RAS (``shapes.Box`` fields, so ``add_box(*box)``):
+        axis-aligned, or with slice_axes a rectangle on a slice extruded by thickness_mm."""
+        return self.run("box", (corner_a, corner_b), True, slice_axes=slice_axes, thickness_mm=thickness_mm)
+
+    def add_scribble(self, points, positive=True, max_points=None) -> SegmentUpdate:
+        """A +/- polyline in world RAS (N, 3); the engine resamples it to clicks."""
+        return self.run("scribble", points, positive, max_points=max_points)
+
+    def add_lasso(self, points, positive=True, slice_axes=None, thickness_mm=None) -> SegmentUpdate:
+        """A closed curve on one slice in world RAS (N, 3): positive, its region
+        (a slab thickness_mm thick) is the object; negative, its interior is taken away."""
+        return self.run("lasso", points, positive, slice_axes=slice_axes, thickness_mm=thickness_mm)
 
     def undo(self) -> SegmentUpdate | None:
         return self.run("undo")
@@ -353,10 +440,10 @@ class SegmentSession:
         changed, box = False, None
         erased_delta = np.zeros(0, np.int64)
         if patch is not None or self._prediction is not None:
-            negative = kind == "click" and not operation.positive
+            negative = kind in PROMPTS and not operation.positive
             box, erased_delta = self._write(patch, kind, negative)
             changed = True
-        if kind in ("click", "reset"):
+        if kind in PROMPTS or kind == "reset":
             erased = (np.zeros(0, np.int64) if kind == "reset"
                       else np.union1d(self._erased[self._position], erased_delta))
             del self._erased[self._position + 1:]

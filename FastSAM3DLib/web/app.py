@@ -1,9 +1,10 @@
 """``fastsam3d web``: the trame-slicer page over ``WebSegmenter``.
 
 Four views (axial + 3D on top, sagittal + coronal below), a side panel with
-the scans, the segment list, the FastSAM3D tool (left click adds, right click
-removes, or the "negative clicks" switch), undo/redo, export, and the latency
-of the last click with the device it ran on. This file is only the page: what
+the scans, the segment list, the FastSAM3D tool (points: left click adds,
+right click removes, or the "negative" switch; box, scribble and lasso: drag
+in a slice view), undo/redo, export, and the latency of the last prompt with
+the device it ran on. This file is only the page: what
 happens on a click is ``segmenter.WebSegmenter``, i.e. the MRML bridge.
 """
 
@@ -30,15 +31,23 @@ from trame_slicer.rca_view import register_rca_factories                     # n
 from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 
 from . import exclusive                                                       # noqa: E402
+from .effect import TOOLS                                                     # noqa: E402
 from .segmenter import EXPORT_FORMATS, WebSegmenter, safe_label               # noqa: E402
 from .uploads import MAX_UPLOAD_BYTES, UPLOAD_SUFFIXES, UploadError          # noqa: E402
+
+# The prompt tools' buttons: (tool, label, icon, what the mouse does).
+TOOL_BUTTONS = (("point", "Point", "mdi-circle-small", "Left click: add. Right click: remove."),
+                ("box", "Box", "mdi-vector-square", "Left drag: a box around the object, on this slice."),
+                ("scribble", "Scribble", "mdi-draw", "Left drag: a stroke on the object. Right drag: remove."),
+                ("lasso", "Lasso", "mdi-lasso", "Left drag: outline the object. Right drag: remove inside."))
 
 # The crop spacing choices offered (any other mm value can be typed).
 CROP_SPACINGS = ("model default", "auto", "fixed", "0.5", "0.75", "1.0", "1.5", "2.0", "3.0")
 
 FOUR_UP = "Four-Up"
 # What a browser session may have changed in the page, as a new session finds it.
-SESSION_DEFAULTS = {"tool_active": True, "negative": False, "export_format": EXPORT_FORMATS[0],
+SESSION_DEFAULTS = {"tool_active": True, "negative": False, "prompt_tool": "point",
+                    "export_format": EXPORT_FORMATS[0],
                     "upload_error": "", "new_segment_name": ""}
 DISCONNECTED = "a browser disconnected during an update"
 
@@ -111,6 +120,7 @@ class FastSAM3DWebApp(TrameApp):
         self.state.change("active_segment")(self._on_active_segment)
         self.state.change("tool_active")(self._on_tool_active)
         self.state.change("negative")(self._on_negative)
+        self.state.change("prompt_tool")(self._on_prompt_tool)
         self.state.change("crop_spacing")(self._on_crop_spacing)
         self.state.change("export_format")(lambda **_: self.sync_state())
         self.ctrl.on_server_ready.add(self._on_server_ready)
@@ -149,6 +159,7 @@ class FastSAM3DWebApp(TrameApp):
             "active_voxels": next((s["voxels"] for s in segments if s["id"] == active), 0),
             "tool_active": seg.tool_active,
             "negative": seg.negative,
+            "prompt_tool": seg.prompt_tool,
             "status": status,
             "export_name": seg.export_name(self.state.export_format or EXPORT_FORMATS[0]),
         })
@@ -188,6 +199,10 @@ class FastSAM3DWebApp(TrameApp):
     def _on_negative(self, negative=False, **_):
         if bool(negative) != self.segmenter.negative:
             self.segmenter.negative = bool(negative)
+
+    def _on_prompt_tool(self, prompt_tool="point", **_):
+        if prompt_tool in TOOLS and prompt_tool != self.segmenter.prompt_tool:
+            self.segmenter.prompt_tool = prompt_tool
 
     # -- actions -------------------------------------------------------------------
     def upload(self, files) -> None:
@@ -235,7 +250,7 @@ class FastSAM3DWebApp(TrameApp):
                 html.Span("updating 3D", v_show=("status.surfaces_pending && !status.busy",),
                           classes="text-caption text-medium-emphasis mr-3")
                 v3.VChip("{{ status.latency_ms == null ? 'no click yet' : "
-                         "'last click ' + status.latency_ms + ' ms' }}",
+                         "'last ' + status.last_prompt + ' ' + status.latency_ms + ' ms' }}",
                          id="fs3d-latency", size="small", classes="mr-2", prepend_icon="mdi-timer-outline")
                 v3.VChip("{{ (status.device || '').split(':')[0] }}", id="fs3d-device", size="small", classes="mr-2",
                          prepend_icon="mdi-chip")
@@ -289,10 +304,15 @@ class FastSAM3DWebApp(TrameApp):
         html.Div("FastSAM3D", classes="text-subtitle-2")
         v3.VSwitch(v_model=("tool_active",), label="click to segment", density="compact", hide_details=True,
                    color="primary", id="fs3d-tool")
-        v3.VSwitch(v_model=("negative",), label="negative clicks (left click removes)", density="compact",
+        with v3.VBtnToggle(v_model=("prompt_tool",), mandatory=True, density="compact", divided=True,
+                           variant="outlined", classes="my-1", id="fs3d-prompt-tool"):
+            for tool, label, icon, _ in TOOL_BUTTONS:
+                v3.VBtn(label, value=tool, prepend_icon=icon, size="small", id=f"fs3d-tool-{tool}")
+        v3.VSwitch(v_model=("negative",), label="negative (left click or drag removes)", density="compact",
                    hide_details=True, color="error", id="fs3d-negative")
-        html.Div("Left click: add to the segment. Right click: remove. Mouse wheel: change slice.",
-                 classes="text-medium-emphasis my-1")
+        for tool, _, _, help_text in TOOL_BUTTONS:
+            html.Div(help_text + " Mouse wheel: change slice.", v_if=(f"prompt_tool === '{tool}'",),
+                     classes="text-medium-emphasis my-1")
         v3.VCombobox(v_model=("crop_spacing",), items=("crop_spacings",), label="crop spacing (auto, fixed, mm)",
                      density="compact", hide_details=True, classes="my-1", id="fs3d-spacing")
         with html.Div(classes="d-flex"):
@@ -317,7 +337,7 @@ class FastSAM3DWebApp(TrameApp):
         with html.Div(classes="text-medium-emphasis", id="fs3d-status"):
             html.Div("Device: {{ status.device }}")
             html.Div("Model: {{ status.model }}")
-            html.Div("Last click: {{ status.latency_ms }} ms (engine {{ status.engine_ms }} ms"
+            html.Div("Last {{ status.last_prompt }}: {{ status.latency_ms }} ms (engine {{ status.engine_ms }} ms"
                      "{{ status.reembedded ? ', new region encoded' : '' }}, "
                      "write {{ status.write_ms }} ms)", v_if=("status.latency_ms != null",))
             html.Div("{{ active_voxels }}", id="fs3d-voxels", style="display: none")

@@ -23,11 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from FastSAM3DLib.session import EngineError
 from FastSAM3DLib.slicer_bridge import (SegmentUpdate, EngineWorker, Operation, PromptPoints, SegmentSession,
                                         export_labelmap, get_engine, read_segment)
 from FastSAM3DLib.slicer_bridge.export import LABELMAP_SUFFIXES
+from FastSAM3DLib.slicer_bridge.session import PROMPTS
+from FastSAM3DLib.slicer_bridge.shapes import slice_drag_prompt
 
-from .effect import FastSAM3DEffect
+from .effect import TOOLS, FastSAM3DEffect
 from .uploads import MAX_UPLOAD_BYTES, UploadError, display_name, save_uploads
 
 SEGMENT_COLOURS = [(0.95, 0.65, 0.15), (0.25, 0.60, 1.00), (0.90, 0.30, 0.65),
@@ -44,7 +47,7 @@ def colour_hex(rgb) -> str:
 @dataclass
 class _Plan:
     key: tuple
-    operation: Operation             # the bridge's click/undo/redo/reset (compute, then apply)
+    operation: Operation             # the bridge's prompt/undo/redo/reset (compute, then apply)
 
     @property
     def kind(self) -> str:
@@ -80,7 +83,7 @@ class WebSegmenter:
         self._sessions: dict = {}                  # (volume id, segmentation id, segment id) -> session
         self._history: dict = {}                   # volume id -> [session key, ...] (undo order)
         self._redo: dict = {}                      # volume id -> [session key, ...]
-        self.last: SegmentUpdate | None = None         # the last click
+        self.last: SegmentUpdate | None = None         # the last prompt
         self.last_operation: SegmentUpdate | None = None
         self.revision = 0                          # +1 after every applied operation
         self.busy = False
@@ -92,7 +95,7 @@ class WebSegmenter:
         self._tool_active = True
         self.editor.register_effect_type(FastSAM3DEffect)
         self.effect: FastSAM3DEffect = self.editor.get_effect(FastSAM3DEffect)
-        self.effect.on_click = self._on_view_click
+        self.effect.on_prompt = self._on_view_prompt
         self.prompts = PromptPoints(self.scene)
 
     # -- engine ----------------------------------------------------------------
@@ -270,14 +273,35 @@ class WebSegmenter:
         self.effect.negative = bool(on)
         self._notify()
 
+    @property
+    def prompt_tool(self) -> str:
+        """What a drag or click in a slice view draws: one of effect.TOOLS."""
+        return self.effect.tool
+
+    @prompt_tool.setter
+    def prompt_tool(self, tool) -> None:
+        if tool not in TOOLS:
+            raise ValueError(f"the prompt tool must be one of {', '.join(TOOLS)}, not {tool!r}")
+        self.effect.tool = tool
+        self._notify()
+
     def _apply_tool_state(self) -> None:
         if self._tool_active and self.segment_id:
             self.editor.set_active_effect(self.effect)
         else:
             self.editor.deactivate_effect()
 
-    def _on_view_click(self, ras, positive) -> None:
-        self.click(ras, positive)
+    def _on_view_prompt(self, tool, slice_node, points, positive) -> None:
+        """A click or drag in a slice view, as world RAS points on its slice."""
+        try:
+            if tool == "point":
+                self.click(points[-1], positive)
+            else:
+                kind, ras, positive, options = slice_drag_prompt(tool, slice_node, points, positive)
+                self._prompt(kind, ras, positive, **options)
+        except (ValueError, EngineError) as exc:    # e.g. a box without a drag: shown, nothing changes
+            self.error = str(exc)
+            self._notify()
 
     # -- sessions ----------------------------------------------------------------
     def _key(self, segment_id):
@@ -320,12 +344,26 @@ class WebSegmenter:
     def can_redo(self) -> bool:
         return bool(self.volume is not None and self._redo.get(self.volume.GetID()))
 
-    # -- operations (clicks, undo, redo, reset) ------------------------------------
+    # -- operations (prompts, undo, redo, reset) ------------------------------------
     def click(self, ras, positive=True):
         """A positive/negative point at world RAS on the selected segment.
         Returns the SegmentUpdate (synchronous) or an asyncio Task (in the server)."""
-        # the segment selected now, even if the click waits behind another operation
-        return self._operate("click", ras=[float(v) for v in ras], positive=bool(positive),
+        return self._prompt("click", [float(v) for v in ras], positive)
+
+    def box(self, corner_a, corner_b, slice_axes=None, thickness_mm=None, positive=True):
+        """A box prompt in world RAS (``shapes.Box`` fields); positive only."""
+        return self._prompt("box", (corner_a, corner_b), positive, slice_axes=slice_axes,
+                            thickness_mm=thickness_mm)
+
+    def scribble(self, points, positive=True):
+        return self._prompt("scribble", points, positive)
+
+    def lasso(self, points, positive=True, slice_axes=None):
+        return self._prompt("lasso", points, positive, slice_axes=slice_axes)
+
+    def _prompt(self, kind, ras, positive, **options):
+        # the segment selected now, even if the prompt waits behind another operation
+        return self._operate(kind, ras=ras, positive=bool(positive), options=options,
                              key=self._key(self.segment_id))
 
     def undo(self):
@@ -379,14 +417,14 @@ class WebSegmenter:
             return None
         history = self._history.setdefault(self.volume.GetID(), [])
         redo = self._redo.setdefault(self.volume.GetID(), [])
-        if kind == "click":
+        if kind in PROMPTS:
             session = self._session_for(kw["key"], create=True)
             if session is None:
                 return None
-            return _Plan(kw["key"], session.operation("click", kw["ras"], kw["positive"]))
+            return _Plan(kw["key"], session.operation(kind, kw["ras"], kw["positive"], **kw["options"]))
         if kind == "reset":
             session = self.session(create=False)
-            if session is None or not session.clicks:
+            if session is None or not session.prompts:
                 return None
             return _Plan(self._key(self.segment_id), session.operation("reset"))
         stack = history if kind == "undo" else redo
@@ -406,7 +444,7 @@ class WebSegmenter:
                 self._resume_surfaces(plan.session.segmentation_node)
         history = self._history.setdefault(plan.key[0], [])
         redo = self._redo.setdefault(plan.key[0], [])
-        if plan.kind in ("click", "reset"):
+        if plan.kind in PROMPTS or plan.kind == "reset":
             history.append(plan.key)
             redo.clear()
         elif plan.kind == "undo":
@@ -423,7 +461,7 @@ class WebSegmenter:
             self._apply_tool_state()
         if info is not None:
             self.last_operation = info
-            if plan.kind == "click":
+            if plan.kind in PROMPTS:
                 self.last = info
         self.error = ""
         self.revision += 1
@@ -495,9 +533,11 @@ class WebSegmenter:
             listener()
 
     def status(self) -> dict:
-        """What the page shows: latency of the last click, device, state."""
+        """What the page shows: latency of the last prompt, device, state."""
         last = self.last
         return {
+            "last_prompt": last.operation if last else None,
+            "prompt_tool": self.prompt_tool,
             "latency_ms": round(last.latency_ms, 1) if last else None,
             "engine_ms": round(1000 * last.timings.get("engine", 0.0), 1) if last else None,
             "write_ms": round(1000 * last.timings.get("write", 0.0), 1) if last else None,
@@ -549,6 +589,7 @@ class WebSegmenter:
         self.error = ""
         self._tool_active = True
         self.effect.negative = False
+        self.effect.tool = "point"
         self._notify()
 
     def close(self) -> None:

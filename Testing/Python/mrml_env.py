@@ -223,15 +223,18 @@ class FakeMaskUpdate:
 
 
 class FakeEngine:
-    """Stand-in for ``FastSAM3DLib.session.Engine`` (same call shape): each
-    object is the union of balls of ``radius_mm`` around its positive clicks,
-    minus balls around its negative clicks, computed in physical space from
-    the engine image's own geometry. Tests the MRML side without a model."""
+    """Stand-in for ``FastSAM3DLib.session.Engine`` (same call shape), computed
+    in physical space from the engine image's own geometry: a click is a ball
+    of ``radius_mm``; a box the voxels inside it (the axis-aligned box, or the
+    slab of the rectangle on its slice); a scribble or lasso a ball around each
+    of its points. Positive prompts add, negative ones take away. Tests the
+    MRML side without a model; each session keeps its ``prompts`` as received."""
 
     device_description = "CPU (fake engine)"
 
-    def __init__(self, radius_mm=6.0):
+    def __init__(self, radius_mm=6.0, box_thickness_mm=4.0):
         self.radius_mm = radius_mm
+        self.box_thickness_mm = box_thickness_mm
         self.sessions = 0
 
     def forget_image(self, image):
@@ -242,11 +245,19 @@ class FakeEngine:
         return _FakeSession(self, image, spacing)
 
 
+def _lps_of(point, space):
+    p = np.asarray(point, float)
+    if space == "ras":
+        return p * np.array([-1, -1, 1])
+    if space != "lps":
+        raise ValueError(space)
+    return p
+
+
 class _FakeSession:
     def __init__(self, engine, image, spacing=None):
-        import SimpleITK as sitk
         self.engine = engine
-        self.spacing = spacing          # recorded only: the balls do not depend on it
+        self.spacing = spacing          # recorded only: the shapes do not depend on it
         self.image = image
         size = image.GetSize()
         idx = np.indices(size[::-1]).reshape(3, -1)[::-1].T.astype(float)   # (i, j, k)
@@ -256,14 +267,18 @@ class _FakeSession:
         self._shape = size[::-1]
         self._history = [()]
         self._pos = 0
-        self._sitk = sitk
 
     def set_spacing(self, spacing):
         self.spacing = spacing
 
     @property
-    def clicks(self):
+    def prompts(self):
+        """(kind, data in LPS, positive) of every prompt now in the session."""
         return list(self._history[self._pos])
+
+    @property
+    def clicks(self):
+        return [(data, positive) for kind, data, positive in self.prompts if kind == "click"]
 
     @property
     def can_undo(self):
@@ -273,10 +288,33 @@ class _FakeSession:
     def can_redo(self):
         return self._pos + 1 < len(self._history)
 
-    def _mask(self, clicks):
+    def _ball(self, p):
+        return np.sum((self._lps - p) ** 2, axis=1) <= self.engine.radius_mm ** 2
+
+    def _box(self, data):
+        a, b, axes, thickness = data
+        if axes is None:
+            lo, hi = np.minimum(a, b), np.maximum(a, b)
+            return np.all((self._lps >= lo) & (self._lps <= hi), axis=1)
+        u, v = axes
+        w = np.cross(u, v)
+        local = (self._lps - a) @ np.stack([u, v, w]).T
+        extent = (b - a) @ np.stack([u, v]).T
+        lo, hi = np.minimum(0, extent), np.maximum(0, extent)
+        return (np.all((local[:, :2] >= lo) & (local[:, :2] <= hi), axis=1)
+                & (np.abs(local[:, 2]) <= thickness / 2))
+
+    def _mask(self, prompts):
         m = np.zeros(len(self._lps), bool)
-        for p, positive in clicks:
-            inside = np.sum((self._lps - p) ** 2, axis=1) <= self.engine.radius_mm ** 2
+        for kind, data, positive in prompts:
+            if kind == "click":
+                inside = self._ball(data)
+            elif kind == "box":
+                inside = self._box(data)
+            else:
+                inside = np.zeros(len(self._lps), bool)
+                for p in data:
+                    inside |= self._ball(p)
             m = (m | inside) if positive else (m & ~inside)
         return m.reshape(self._shape)
 
@@ -294,17 +332,27 @@ class _FakeSession:
         box = tuple(slice(a, b) for a, b in zip(start, stop))
         return FakeMaskUpdate(MaskPatch(start, after[box].copy()), reembedded)
 
-    def add_click(self, point, positive=True, space="ras"):
-        p = np.asarray(point, float)
-        if space == "ras":
-            p = p * np.array([-1, -1, 1])
-        elif space != "lps":
-            raise ValueError(space)
+    def _add(self, prompt):
         old = self._history[self._pos]
-        new = old + ((p, bool(positive)),)
+        new = old + (prompt,)
         self._history = self._history[:self._pos + 1] + [new]
         self._pos += 1
         return self._result(old, new, reembedded=len(old) == 0)
+
+    def add_click(self, point, positive=True, space="ras"):
+        return self._add(("click", _lps_of(point, space), bool(positive)))
+
+    def add_box(self, corner_a, corner_b, space="ras", *, slice_axes=None, thickness_mm=None):
+        axes = None if slice_axes is None else tuple(_lps_of(axis, space) for axis in slice_axes)
+        thickness = self.engine.box_thickness_mm if thickness_mm is None else thickness_mm
+        return self._add(("box", (_lps_of(corner_a, space), _lps_of(corner_b, space), axes, thickness), True))
+
+    def add_scribble(self, points, positive=True, space="ras", max_points=None):
+        return self._add(("scribble", np.array([_lps_of(p, space) for p in points]), bool(positive)))
+
+    def add_lasso(self, points, positive=True, space="ras", *, slice_axes=None, thickness_mm=None):
+        self.last_lasso_axes = slice_axes
+        return self._add(("lasso", np.array([_lps_of(p, space) for p in points]), bool(positive)))
 
     def undo(self):
         if self._pos == 0:

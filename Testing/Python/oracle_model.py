@@ -3,8 +3,8 @@
 The "embedding" is the crop averaged over 4^3 cells (the low-res grid); the
 logits are that average minus the midpoint of its range, so bright objects on
 a zero background come out positive; every negative click subtracts a ball of
-``NEGATIVE_RADIUS`` crop voxels. Positive clicks and the mask prompt are
-ignored. Every decoder call is recorded (crop-voxel points, labels, prompt, logits), so
+``NEGATIVE_RADIUS`` crop voxels. Positive clicks, box corners (labels 2
+and 3, with ``box_prompts``) and the mask prompt are ignored. Every decoder call is recorded (crop-voxel points, labels, prompt, logits), so
 tests can check what the engine asked for. Runs in milliseconds on the CPU.
 """
 
@@ -19,10 +19,10 @@ from FastSAM3DLib.model.config import EncoderConfig, ModelConfig
 NEGATIVE_RADIUS = 12.0          # crop voxels
 
 
-def oracle_model(trained_spacing_range_mm=None) -> Sam3D:
+def oracle_model(trained_spacing_range_mm=None, box_prompts: bool = False) -> Sam3D:
     config = ModelConfig(name="oracle", encoder=EncoderConfig(embed_dim=16, depth=1, num_heads=1,
                                                               window_size=0, global_attn_indexes=()),
-                         trained_spacing_range_mm=trained_spacing_range_mm)
+                         trained_spacing_range_mm=trained_spacing_range_mm, box_prompts=box_prompts)
     model = Sam3D(config).eval()
     model.decoder_calls = []
     model.encode = lambda volume: F.avg_pool3d(volume.float(), 4)

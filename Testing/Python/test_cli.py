@@ -174,3 +174,72 @@ def test_spacing_option_reaches_the_engine(tmp_path, capsys, monkeypatch, shared
     with pytest.raises(SystemExit):
         main(["evaluate", "--image", str(SAMPLE), "--label", str(SAMPLE), "--spacing", "zoom"])
     assert "auto, fixed or a spacing in mm" in capsys.readouterr().err
+
+
+BOX_IJK = ((87, 47, 93), (97, 55, 107))           # around the structure at LIVER_RAS
+
+
+def _box_in_ras(corners_ijk):
+    image = sitk.ReadImage(str(SAMPLE))
+    ras = [np.array(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in c])) * [-1, -1, 1]
+           for c in corners_ijk]
+    return ",".join(f"{v:.4f}" for v in np.concatenate(ras))
+
+
+def test_a_box_gives_the_same_labelmap_in_every_space_and_in_a_prompts_file(tmp_path, capsys):
+    """The bundled model (box prompts) on the sample: a box in voxel indices, the same box in
+    RAS (the sample's axes are RAS-aligned, so the box is the same) and in a prompts file."""
+    outputs = []
+    for n, (box, space) in enumerate([(",".join(map(str, BOX_IJK[0] + BOX_IJK[1])), "ijk"),
+                                      (_box_in_ras(BOX_IJK), "ras")]):
+        out = tmp_path / f"box{n}.nii.gz"
+        code, _, err = _run(["segment", SAMPLE, "-o", out, "--box", box, "--space", space, "--device", "cpu"],
+                            capsys)
+        assert code == 0, err
+        assert "box" in err
+        outputs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(out))))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"space": "ijk", "objects": [{"label": 2, "box": [list(c) for c in BOX_IJK]}]}))
+    code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "file.nii.gz", "--prompts", prompts,
+                         "--device", "cpu"], capsys)
+    assert code == 0, err
+    outputs.append(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "file.nii.gz"))) // 2)
+    mask = outputs[0] > 0
+    assert mask.sum() > 100
+    assert np.array_equal(outputs[1], outputs[0]) and np.array_equal(outputs[2], outputs[0])
+    # Mostly within the box (grown by two voxels).
+    (i0, j0, k0), (i1, j1, k1) = BOX_IJK
+    assert mask[k0 - 2:k1 + 3, j0 - 2:j1 + 3, i0 - 2:i1 + 3].sum() >= 0.9 * mask.sum()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--box", "1,2,3,4,5"], "is not a box: write X1,Y1,Z1,X2,Y2,Z2"),
+    (["--box", "a,b,c,d,e,f"], "is not a box"),
+    (["--box", "-1e5,0,0,-1e5,1,1"], "lies outside the image"),
+    (["--box", f"{LIVER_RAS},{LIVER_RAS}"], "two different corners"),
+    (["--box", "90,160,390,100,170,400", "--model", "fastsam3d", "--random-weights"], "has no box prompt"),
+])
+def test_a_bad_box_gives_one_line_and_no_output(tmp_path, capsys, args, message):
+    out = tmp_path / "x.nii.gz"
+    try:
+        code, _, err = _run(["segment", SAMPLE, "-o", out, "--device", "cpu", *args], capsys)
+    except SystemExit as exc:           # argparse's own error line: "fastsam3d segment: error: ..."
+        code, err = exc.code, capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("fastsam3d") and ": error: " in line]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("obj, message", [
+    ({"box": [[1, 2, 3]]}, "is not a box"),
+    ({"box": [[1, 2, 3], [4, 5]]}, "is not a point"),
+    ({"points": [[98, 164.3, 394.3]], "scribbles": [{"points": []}]}, "is not a scribble"),
+    ({"negative": [[98, 164.3, 394.3]]}, "no positive point or box"),
+])
+def test_a_bad_box_in_a_prompts_file_gives_one_line(tmp_path, capsys, obj, message):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"objects": [obj]}))
+    code, _, err = _run(["segment", SAMPLE, "-o", tmp_path / "x.nii.gz", "--prompts", prompts], capsys)
+    lines = [line for line in err.splitlines() if line.startswith("fastsam3d: error")]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err

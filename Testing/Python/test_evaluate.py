@@ -209,3 +209,56 @@ def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
     alone = ev.run_targets([(case, c4)], settings)[0]
     after = ev.run_targets([(case, c3), (case, c4)], settings)[1]   # C3's region holds C4's first click
     assert after.runs[0].dice == alone.runs[0].dice
+
+
+def test_the_box_baseline_is_the_ellipsoid_inscribed_in_the_box_on_an_oblique_grid():
+    image = image_from_array(np.zeros((14, 24, 40)), spacing=(0.7, 1.7, 3.1), origin=(5.0, -3.0, 12.0),
+                             direction=_oblique_flipped_direction())
+    baseline = ev.SphereBaseline(image)
+    centre = np.array(image.TransformContinuousIndexToPhysicalPoint((19.5, 11.5, 6.5)))
+    box = np.stack([centre - (8.0, 6.0, 10.0), centre + (8.0, 6.0, 10.0)])
+    baseline.add_box(box)
+    k, j, i = np.indices(image.GetSize()[::-1])
+    lps = np.array([image.TransformIndexToPhysicalPoint((int(a), int(b), int(c)))
+                    for a, b, c in zip(i.ravel(), j.ravel(), k.ravel())]).reshape(*i.shape, 3)
+    expected = (((lps - box.mean(0)) / ((box[1] - box[0]) / 2)) ** 2).sum(-1) <= 1
+    assert expected.sum() > 50
+    np.testing.assert_array_equal(baseline.mask(), expected)
+
+
+def test_target_box_is_the_world_extent_of_the_target_and_jitter_moves_it_within_bounds():
+    image = image_from_array(np.zeros((14, 24, 40)), spacing=(0.7, 1.7, 3.1), direction=_oblique_flipped_direction())
+    gt = np.zeros((14, 24, 40), dtype=bool)
+    gt[3:9, 5:15, 10:30] = True
+    centres = np.array([image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+                        for k, j, i in np.argwhere(gt)])
+    box = ev.target_box_lps(image, gt)
+    np.testing.assert_allclose(box, [centres.min(0), centres.max(0)], atol=1e-9)
+    jittered = ev.target_box_lps(image, gt, 0.1, np.random.default_rng(0))
+    assert np.all(np.abs(jittered - box) <= 0.1 * (box[1] - box[0]) + 1e-9) and not np.allclose(jittered, box)
+
+
+def test_cli_first_prompt_box_scores_the_box_then_clicks(shared_data, tmp_path, capsys):
+    case = shared_data / "mri_spine_cord_sct_t2"
+    path = tmp_path / "box.json"
+    args = ["evaluate", "--image", case / "t2.nii.gz", "--label", case / "t2_seg-manual.nii.gz",
+            "--model", "default", "--device", "cpu", "--clicks", "3", "--first-prompt", "box",
+            "--box-jitter", "0.05", "--threads", "1", "--json", path]
+    assert main([str(a) for a in args]) == 0
+    printed = capsys.readouterr().out
+    assert "first prompt: the target's bounding box (jitter 0.05" in printed and "Dice@3" in printed
+    result = json.loads(path.read_text())
+    assert result["meta"]["first_prompt"] == "box"
+    model = next(r for r in result["details"][0]["runs"] if r["method"] == "model")
+    sphere = next(r for r in result["details"][0]["runs"] if r["method"] == "sphere")
+    assert len(model["dice"]) == 3 and len(model["clicks"]) <= 2 and model["box_lps"] == sphere["box_lps"]
+    label = sitk.ReadImage(str(case / "t2_seg-manual.nii.gz"))
+    exact = ev.target_box_lps(label, sitk.GetArrayFromImage(label) > 0)
+    extent = exact[1] - exact[0]
+    assert np.all(np.abs(np.array(model["box_lps"]) - exact) <= 0.05 * extent + 1e-6)
+    assert model["dice"][0] > 0.3                 # the bundled model segments from the box alone
+    # A point-only model is refused in one line before any target runs.
+    code = main([str(a) for a in args[:5] + ["--model", "fastsam3d", "--device", "cpu",
+                                             "--first-prompt", "box"]])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no box prompt" in err

@@ -327,3 +327,111 @@ def test_changed_voxels_free_the_old_images_embeddings(engine, spine):
     vol.GetImageData().Modified()                      # the voxels changed (e.g. an edit)
     assert image_for_volume(engine, vol) is not old
     assert not engine.cached_rois(engine.prepare_image(old))
+
+
+# -- box, scribble and lasso prompts with the bundled model (it has box embeddings) -------------
+@pytest.fixture(scope="module")
+def bundled():
+    session_module = _engine_module()
+    return session_module.Engine(model="default", device="cpu")
+
+
+def _prompt_nodes(scene, v):
+    """A rotated Markups ROI, an open curve and a closed curve on an axial slice, around the cord."""
+    from FastSAM3DLib.slicer_bridge.geometry import numpy_to_matrix
+    from mrml_env import rotation
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    placement = rotation(2, 20.0)
+    placement[:3, 3] = centre(v, (30, 27, 26))
+    roi.SetAndObserveObjectToNodeMatrix(numpy_to_matrix(placement))
+    roi.SetSize(14.0, 10.0, 12.0)
+    scribble = scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "scribble")
+    for ijk in [(28, 25, 24), (30, 27, 26), (33, 29, 27)]:
+        scribble.AddControlPointWorld(*centre(v, ijk))
+    lasso = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "lasso")
+    axial = centre(v, (30, 27, 26))[2]
+    for dr, da in [(-4, -4), (4, -4), (5, 3), (-4, 4)]:
+        c = centre(v, (30, 27, 26))
+        lasso.AddControlPointWorld(c[0] + dr, c[1] + da, axial)
+    return roi, scribble, lasso
+
+
+@pytest.mark.parametrize("kind", ["original", "flipped"])
+def test_prompts_equal_the_engine_result_in_world_space(bundled, spine, kind):
+    """ROI box, curve scribble and closed-curve lasso (negative) through the
+    bridge: after each, the segment is exactly what the engine gives for the
+    same world prompts on an image built independently; each is one undo step."""
+    from FastSAM3DLib.image import image_from_ijk_to_ras
+    from FastSAM3DLib.slicer_bridge import SegmentSession, read_segment, world_ijk_to_ras
+    from FastSAM3DLib.slicer_bridge.shapes import curve_points, roi_box
+    scene, _, vol = spine
+    v = make_variant(scene, vol, kind)
+    seg, (sid,) = new_segmentation(scene, v)
+    roi, scribble, lasso = _prompt_nodes(scene, v)
+    box = roi_box(roi)
+    assert box.slice_axes is not None                      # rotated: its own oriented box
+    s = SegmentSession(v, seg, sid, engine=bundled)
+    reference = bundled.new_session(image_from_ijk_to_ras(
+        np.array(slicer.util.arrayFromVolume(v)), world_ijk_to_ras(v)))
+    steps = [
+        (lambda: s.add_box(*box), lambda: reference.add_box(box.corner_a, box.corner_b, "ras",
+                                                            slice_axes=box.slice_axes,
+                                                            thickness_mm=box.thickness_mm)),
+        (lambda: s.add_scribble(curve_points(scribble)),
+         lambda: reference.add_scribble(curve_points(scribble), True, "ras")),
+        (lambda: s.add_lasso(curve_points(lasso, closed=True), positive=False),
+         lambda: reference.add_lasso(curve_points(lasso, closed=True), False, "ras")),
+    ]
+    masks = [read_segment(seg, sid, v).copy()]
+    for bridged, direct in steps:
+        info = bridged()
+        direct()
+        assert info.changed
+        mask = read_segment(seg, sid, v)
+        np.testing.assert_array_equal(mask, reference.mask())
+        masks.append(mask.copy())
+    assert masks[1].any() and not np.array_equal(masks[1], masks[2])
+    assert [p.source for p in s.engine_session.prompts][0] == "box"
+    for expected in masks[-2::-1]:
+        s.undo()
+        np.testing.assert_array_equal(read_segment(seg, sid, v), expected)
+    s.close()
+
+
+def test_painted_slab_survives_box_and_lasso(bundled, spine):
+    from FastSAM3DLib.roi import MaskPatch
+    from FastSAM3DLib.slicer_bridge import SegmentEditorLogicWriter, SegmentSession, read_segment
+    from FastSAM3DLib.slicer_bridge.shapes import curve_points, roi_box
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    painter = SegmentEditorLogicWriter(seg, sid, vol)
+    painter.apply(MaskPatch((24, 16, 5), np.ones((3, 22, 50), bool)))
+    painter.close()
+    slab = read_segment(seg, sid, vol).copy()
+    roi, _, lasso = _prompt_nodes(scene, vol)
+    s = SegmentSession(vol, seg, sid, engine=bundled)
+    s.add_box(*roi_box(roi))
+    predicted = s.engine_session.mask().copy()
+    assert predicted.any()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab | predicted)
+    s.add_lasso(curve_points(lasso, closed=True), positive=False)
+    now = s.engine_session.mask()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), (slab & ~(predicted & ~now)) | now)
+    s.reset()
+    np.testing.assert_array_equal(read_segment(seg, sid, vol), slab)
+    s.close()
+
+
+def test_box_on_a_model_without_box_prompts_is_one_clear_line(engine, spine):
+    """The tiny model has no box embeddings: one line naming the model to use; nothing written."""
+    from FastSAM3DLib.session import EngineError
+    from FastSAM3DLib.slicer_bridge import SegmentSession, read_segment
+    scene, _, vol = spine
+    seg, (sid,) = new_segmentation(scene, vol)
+    s = SegmentSession(vol, seg, sid, engine=engine)
+    with pytest.raises(EngineError, match="default model") as raised:
+        s.add_box(centre(vol, (27, 24, 22)), centre(vol, (33, 31, 29)))
+    assert "\n" not in str(raised.value)
+    assert not read_segment(seg, sid, vol).any() and not s.can_undo
+    s.add_scribble([centre(vol, (28, 25, 24)), centre(vol, (33, 29, 27))])      # clicks work on any model
+    assert s.can_undo

@@ -340,3 +340,40 @@ def test_effect_module_registers_the_effect_file(tmp_path, monkeypatch):
     assert registered[0] == ROOT / "FastSAM3D" / "SegmentEditorFastSAM3DLib" / "SegmentEditorEffect.py"
     assert registered[0].is_file() and registered[1] == "registered"
     assert issubclass(mod.SegmentEditorFastSAM3DTest, unittest.TestCase) and module is not None
+
+
+def test_logic_markups_prompts_with_the_bundled_model(module):
+    """The module's Markups prompts: an ROI is a box, a curve a scribble, a closed
+    curve a (negative) lasso; each one undo step; other nodes are a clear error."""
+    from FastSAM3DLib.session import EngineError
+    from FastSAM3DLib.slicer_bridge import read_segment
+    scene, logics = make_mrml_env()
+    vol = load_volume(logics, SPINE_T2, "t2")
+    seg, (sid,) = new_segmentation(scene, vol)
+    logic = module.getLogic()
+    logic.setModel("default")
+    logic.setDevice("cpu")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
+    roi.SetCenter(*centre(vol, (30, 27, 26)))
+    roi.SetSize(14.0, 10.0, 12.0)
+    curve = scene.AddNewNodeByClass("vtkMRMLMarkupsCurveNode", "scribble")
+    lasso = scene.AddNewNodeByClass("vtkMRMLMarkupsClosedCurveNode", "lasso")
+    for ijk in [(28, 25, 24), (30, 27, 26), (33, 29, 27)]:
+        curve.AddControlPointWorld(*centre(vol, ijk))
+    c = centre(vol, (30, 27, 26))
+    for dr, da in [(-4, -4), (4, -4), (5, 3), (-4, 4)]:
+        lasso.AddControlPointWorld(c[0] + dr, c[1] + da, c[2])
+    counts = [0]
+    for node, positive, kind in [(roi, True, "box"), (curve, True, "scribble"), (lasso, False, "lasso")]:
+        info = logic.addMarkupsPrompt(vol, seg, sid, node, positive)
+        assert info.operation == kind
+        counts.append(int(read_segment(seg, sid, vol).sum()))
+    assert counts[1] > 0 and len(set(counts)) == 4
+    session = logic.getSession(vol, seg, sid, create=False)
+    assert session.prompts[0].source == "box"
+    for expected in counts[-2::-1]:
+        logic.undo(vol, seg, sid)
+        assert read_segment(seg, sid, vol).sum() == expected
+    with pytest.raises(ValueError, match="Markups ROI"):
+        logic.addMarkupsPrompt(vol, seg, sid, scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode"))
+    logic.closeAllSessions()

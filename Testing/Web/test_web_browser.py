@@ -13,6 +13,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -98,29 +99,56 @@ def _listening_addresses(port) -> set[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def server(ct_path, tiny_model_file, tmp_path_factory):
+def _needs_browser() -> None:
     _chromium()
     pytest.importorskip("playwright.sync_api", reason="headless browser test: the 'playwright' "
                         "Python package is not installed (pip install -e .[webtest])")
+
+
+@pytest.fixture(scope="module")
+def server(ct_path, tiny_model_file, tmp_path_factory):
+    _needs_browser()
     model = os.environ.get("FASTSAM3D_WEB_TEST_MODEL") or str(tiny_model_file)
     with running_server(ct_path, model, tmp_path_factory.mktemp("server")) as (url, port, log):
         yield {"url": url, "port": port, "model": model, "log": log}
 
 
 @pytest.fixture(scope="module")
-def page(server, tmp_path_factory):
+def playwright():
+    """One playwright driver for every page of the module (it allows one per thread)."""
+    _needs_browser()
     from playwright.sync_api import sync_playwright
-    profile = tmp_path_factory.mktemp("chromium-profile")            # a fresh --user-data-dir
     with sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(profile), executable_path=_chromium(), headless=True, args=CHROMIUM_FLAGS,
-            viewport={"width": 1400, "height": 900}, accept_downloads=True)
+        yield p
+
+
+@contextlib.contextmanager
+def browser_page(playwright, url, profile):
+    """Headless Chromium on ``url`` with a fresh profile and the frame watch installed."""
+    context = playwright.chromium.launch_persistent_context(
+        str(profile), executable_path=_chromium(), headless=True, args=CHROMIUM_FLAGS,
+        viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    try:
         page = context.pages[0] if context.pages else context.new_page()
         page.add_init_script(WATCH_FRAMES)
-        page.goto(server["url"])
+        page.goto(url)
         yield page
+    finally:
         context.close()
+
+
+@pytest.fixture(scope="module")
+def page(server, playwright, tmp_path_factory):
+    with browser_page(playwright, server["url"], tmp_path_factory.mktemp("chromium-profile")) as page:
+        yield page
+
+
+@pytest.fixture(scope="module")
+def bundled_page(ct_path, playwright, tmp_path_factory):
+    """A server with the bundled model (it has box prompts), and its page."""
+    with running_server(ct_path, "default", tmp_path_factory.mktemp("bundled-server")) as (url, _, _), \
+            browser_page(playwright, url, tmp_path_factory.mktemp("chromium-profile")) as page:
+        yield page
 
 
 def _text(page, element_id) -> str:
@@ -160,22 +188,27 @@ def _changed_pixels(before_png, after_png, box) -> int:
     return int((np.abs(a[y0:y1, x0:x1] - b[y0:y1, x0:x1]).sum(axis=2) > 60).sum())
 
 
-def test_click_in_the_browser_segments(server, page, tmp_path):
-    import SimpleITK as sitk
-    # Loopback only
-    assert _listening_addresses(server["port"]) <= {"127.0.0.1", "::1"}, _listening_addresses(server["port"])
-
+def _axial_view(page):
+    """Once the four views show and the model is loaded: (index, bounding box) of the axial view."""
     page.wait_for_function("document.querySelectorAll('img.image-display-area').length >= 4 && "
                            "Array.from(document.querySelectorAll('img.image-display-area'))"
                            ".every(i => i.naturalWidth > 0)", timeout=60000)
     page.wait_for_function("!document.querySelector('#fs3d-device').textContent.includes('loading')",
                            timeout=120000)
-    assert _text(page, "fs3d-revision") == "0" and _text(page, "fs3d-voxels") == "0"
     time.sleep(1.0)                                       # let the first frames settle
     views = page.query_selector_all("img.image-display-area")
     boxes = [v.bounding_box() for v in views]
     axial = min(range(len(boxes)), key=lambda i: (round(boxes[i]["y"]), boxes[i]["x"]))   # top left
-    box = boxes[axial]
+    return axial, boxes[axial]
+
+
+def test_click_in_the_browser_segments(server, page, tmp_path):
+    import SimpleITK as sitk
+    # Loopback only
+    assert _listening_addresses(server["port"]) <= {"127.0.0.1", "::1"}, _listening_addresses(server["port"])
+
+    axial, box = _axial_view(page)
+    assert _text(page, "fs3d-revision") == "0" and _text(page, "fs3d-voxels") == "0"
     before = page.screenshot()
 
     # Left click on the axial view: a positive point; the overlay appears
@@ -244,3 +277,53 @@ def test_upload_in_the_browser(server, page, ct_path):
         page.wait_for_function("document.querySelector('#fs3d-volume-name').textContent.trim() === 'my_scan_copy'",
                                timeout=60000)
     assert _text(page, "fs3d-voxels") == "0"
+
+
+def _drag(page, points):
+    page.mouse.move(*points[0])
+    page.mouse.down()
+    for x, y in points[1:]:
+        page.mouse.move(x, y, steps=4)
+    page.mouse.up()
+
+
+def test_box_scribble_and_lasso_in_the_browser(bundled_page):
+    """The bundled model: drag a box on the axial view (the overlay appears),
+    scribble next to it, then a negative lasso; each is one undo step."""
+    page = bundled_page
+    axial, view = _axial_view(page)
+    x, y = view["x"] + 0.5 * view["width"], view["y"] + 0.55 * view["height"]
+    w = 0.04 * view["width"]
+    before = page.screenshot()
+
+    page.click("#fs3d-tool-box")
+    _drag(page, [(x - w, y - w), (x, y), (x + w, y + w)])
+    _wait_revision(page, 1)
+    assert _text(page, "fs3d-latency").startswith("last box"), _text(page, "fs3d-latency")
+    voxels_box = int(_text(page, "fs3d-voxels"))
+    assert voxels_box > 0
+    page.wait_for_function("performance.now() - window.__fs3d.lastFrame > 800", timeout=30000)
+    assert _changed_pixels(before, page.screenshot(), view) > 100, "the axial view shows no box result"
+
+    page.click("#fs3d-tool-scribble")
+    _drag(page, [(x + w, y - w), (x + 1.5 * w, y), (x + 2 * w, y + w)])
+    _wait_revision(page, 2)
+    assert _text(page, "fs3d-latency").startswith("last scribble")
+    voxels_scribble = int(_text(page, "fs3d-voxels"))
+
+    page.click("#fs3d-tool-lasso")
+    page.mouse.move(x - w / 2, y - w / 2)
+    page.mouse.down(button="right")
+    for px, py in [(x + w / 2, y - w / 2), (x + w / 2, y + w / 2), (x - w / 2, y + w / 2), (x - w / 2, y - w / 3)]:
+        page.mouse.move(px, py, steps=4)
+    page.mouse.up(button="right")
+    _wait_revision(page, 3)
+    assert _text(page, "fs3d-latency").startswith("last lasso")
+    assert int(_text(page, "fs3d-voxels")) != voxels_scribble
+
+    page.click("#fs3d-undo")
+    _wait_revision(page, 4)
+    assert int(_text(page, "fs3d-voxels")) == voxels_scribble
+    page.click("#fs3d-undo")
+    _wait_revision(page, 5)
+    assert int(_text(page, "fs3d-voxels")) == voxels_box

@@ -44,6 +44,17 @@ class Views:
         interactor.InvokeEvent(f"{button}ButtonPressEvent")
         interactor.InvokeEvent(f"{button}ButtonReleaseEvent")
 
+    def drag(self, points, button="Left", orientation="Axial"):
+        """Press at the first view pixel, move through the others, release at the last."""
+        interactor = self.views[orientation].interactor()
+        interactor.SetEventPosition(*points[0])
+        interactor.InvokeEvent("MouseMoveEvent")
+        interactor.InvokeEvent(f"{button}ButtonPressEvent")
+        for x, y in points[1:]:
+            interactor.SetEventPosition(x, y)
+            interactor.InvokeEvent("MouseMoveEvent")
+        interactor.InvokeEvent(f"{button}ButtonReleaseEvent")
+
     def xy_to_ras(self, x, y, orientation="Axial"):
         m = self.views[orientation].get_view_node().GetXYToRAS()
         return np.array([sum(m.GetElement(r, c) * v for c, v in enumerate((x, y, 0.0, 1.0))) for r in range(3)])
@@ -55,9 +66,9 @@ def web(ct_path, tiny_engine):
     views = Views(app)
     segmenter = WebSegmenter(app, engine=tiny_engine)
     received = []
-    handler = segmenter.effect.on_click
-    segmenter.effect.on_click = lambda ras, positive: (received.append((np.array(ras), positive)),
-                                                       handler(ras, positive))
+    handler = segmenter.effect.on_prompt
+    segmenter.effect.on_prompt = lambda tool, node, points, positive: (
+        received.append((np.array(points[-1]), positive)), handler(tool, node, points, positive))
     segmenter.load_volume(ct_path)
     yield segmenter, views, received
     segmenter.close()
@@ -478,3 +489,72 @@ def test_web_command_refuses_bad_arguments_before_serving(tmp_path):
         serve([str(tmp_path / "missing.nii.gz")])
     with pytest.raises(ValueError, match="unknown model"):
         serve([], model="no-such-model")
+
+
+# -- box, scribble and lasso tools (the bundled model: it has box prompts) ---------------------
+@pytest.fixture
+def web_bundled(ct_path):
+    from FastSAM3DLib.session import Engine
+    app = SlicerApp()
+    views = Views(app)
+    segmenter = WebSegmenter(app, engine=Engine(model="default", device="cpu"))
+    segmenter.load_volume(ct_path)
+    yield segmenter, views
+    segmenter.close()
+
+
+def test_box_drag_on_the_axial_view_is_the_engines_box(web_bundled):
+    """A left drag with the box tool: a box on that slice (its corners and the
+    view's axes); the segment is what the engine gives for that box."""
+    from FastSAM3DLib.slicer_bridge.shapes import slice_axes
+    segmenter, views = web_bundled
+    segmenter.prompt_tool = "box"
+    views.drag([(180, 130), (200, 150), (225, 170)])
+    assert segmenter.error == ""
+    mask = segment(segmenter)
+    assert mask.any() and segmenter.last.operation == "box"
+    view_node = views.views["Axial"].get_view_node()
+    session = segmenter.engine.new_session(volume_to_image(segmenter.volume))
+    session.add_box(views.xy_to_ras(180, 130), views.xy_to_ras(225, 170), "ras",
+                    slice_axes=slice_axes(view_node))
+    np.testing.assert_array_equal(mask, session.mask())
+    assert segmenter.session().engine_session.box is not None
+    segmenter.undo()
+    assert not segment(segmenter).any()
+
+
+def test_scribble_and_lasso_drags(web_bundled):
+    """A scribble (left drag) adds, a right-drag lasso takes its inside away:
+    each is the engine's result for the dragged world points, and one undo step."""
+    from FastSAM3DLib.slicer_bridge.shapes import slice_axes
+    segmenter, views = web_bundled
+    stroke = [(190, 140), (196, 146), (202, 150), (208, 154)]
+    ring = [(196, 142), (210, 142), (210, 156), (196, 156), (197, 143)]
+    segmenter.prompt_tool = "scribble"
+    views.drag(stroke)
+    after_scribble = segment(segmenter).copy()
+    assert after_scribble.any() and segmenter.last.operation == "scribble"
+    segmenter.prompt_tool = "lasso"
+    views.drag(ring, button="Right")
+    assert segmenter.last.operation == "lasso"
+    session = segmenter.engine.new_session(volume_to_image(segmenter.volume))
+    session.add_scribble([views.xy_to_ras(*p) for p in stroke], True, "ras")
+    np.testing.assert_array_equal(after_scribble, session.mask())
+    session.add_lasso([views.xy_to_ras(*p) for p in ring], False, "ras",
+                      slice_axes=slice_axes(views.views["Axial"].get_view_node()))
+    np.testing.assert_array_equal(segment(segmenter), session.mask())
+    assert segment(segmenter).sum() < after_scribble.sum()
+    segmenter.undo()
+    np.testing.assert_array_equal(segment(segmenter), after_scribble)
+
+
+def test_a_box_click_without_a_drag_is_a_clear_error(web_bundled):
+    segmenter, views = web_bundled
+    segmenter.prompt_tool = "box"
+    views.click(200, 150)
+    assert "drag a rectangle" in segmenter.error and not segment(segmenter).any() and not segmenter.can_undo
+    segmenter.prompt_tool = "lasso"
+    views.click(200, 150)
+    assert "at least 3" in segmenter.error and not segmenter.can_undo
+    with pytest.raises(ValueError, match="prompt tool"):
+        segmenter.prompt_tool = "brush"
