@@ -25,7 +25,7 @@ pack)
 train)
     init=${2:?INIT weights}; out=${3:?OUT folder}
     "$python" -m FastSAM3DLib.cli train --pack .gpu/train.pack --pack .gpu/maps.pack --box-prompts \
-        --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size 64 --steps "${STEPS:-940}" \
+        --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size "${BATCH:-64}" --steps "${STEPS:-940}" \
         --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
         --checkpoint-every 100000 --device cuda --no-progress
     ;;

@@ -19,7 +19,11 @@ class PositionEmbeddingRandom3D(nn.Module):
         self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(3, num_pos_feats))
 
     def _encode(self, coords: torch.Tensor) -> torch.Tensor:
-        coords = (2 * coords - 1) @ self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        # A broadcast product and sum, not a matrix product: it stays in full precision
+        # under a bf16 autocast or TF32 matmuls, which would round the arguments (up to
+        # ~20 rad) by a tenth of a radian; so the rest of the decoder may run in bf16.
+        gaussian = self.positional_encoding_gaussian_matrix.to(coords.dtype)
+        coords = ((2 * coords - 1).unsqueeze(-1) * gaussian).sum(-2)
         coords = 2 * math.pi * coords
         # The sine block is repeated: the official weights were trained on this layout.
         return torch.cat([torch.sin(coords), torch.cos(coords), torch.sin(coords)], dim=-1)

@@ -34,7 +34,7 @@ from torch import nn
 from ..build import build_model
 from ..checkpoint import save_model
 from ..model import NAMED_CONFIGS, Sam3D
-from .interaction import decode_fp32, make_click_plan, sample_clicks
+from .interaction import make_click_plan, sample_clicks
 from .loop import DistributedContext, RunConfig, Task, TrainingError, run, step_seed
 from .losses import batch_dice, relative_mse, sigmoid_kl
 from .train import DataConfig, InteractionConfig, build_batch_source, initialise, resolve_model_config
@@ -171,7 +171,7 @@ class Distillation(nn.Module):
                                                          self.config.interaction.interior_prob)
                     points = torch.cat([points, coords[:, None]], dim=1)
                     labels = torch.cat([labels, click_labels[:, None]], dim=1)
-                logits, _ = decode_fp32(teacher, teacher_embedding, points, labels, mask_prompt)
+                logits = teacher.decode(teacher_embedding, points, labels, mask_prompt)[0]
                 prompts.append((points, labels, mask_prompt))
                 teacher_logits.append(logits)
                 pred = F.interpolate(logits, size=size, mode="trilinear", align_corners=False) > 0
@@ -180,7 +180,7 @@ class Distillation(nn.Module):
         embedding_loss = F.mse_loss(embedding.float(), teacher_embedding.float())
         logit_losses = []
         for (points, labels, mask_prompt), target_logits in zip(prompts, teacher_logits):
-            logits, _ = decode_fp32(student, embedding, points, labels, mask_prompt)
+            logits = student.decode(embedding, points, labels, mask_prompt)[0]
             logit_losses.append(sigmoid_kl(logits, target_logits))
         agreement = batch_dice(logits.detach() > 0, target_logits > 0).mean()
         return embedding_loss, torch.stack(logit_losses).mean(), agreement

@@ -157,12 +157,3 @@ def upsample_logits(low_res: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor
     b, c, n, h, w = x.shape
     x = (matrix @ x.reshape(b, c, n, h * w)).reshape(b, c, -1, h, w)     # (..., N, N, N)
     return x
-
-
-def decode_fp32(model, embedding: torch.Tensor, points: torch.Tensor, labels: torch.Tensor,
-                mask_prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model.decode`` in float32 even inside a bf16 autocast region, as the
-    engine runs the decoder: bf16 would round the Fourier features of the
-    click coordinates (sines of arguments up to ~20) by a tenth of a radian."""
-    with torch.autocast(embedding.device.type, enabled=False):
-        return model.decode(embedding.float(), points, labels, mask_prompt.float())

@@ -26,7 +26,7 @@ from torch import nn
 from ..checkpoint import PARTS, CheckpointError, detect_config, load_weights, merge_checkpoints, save_model
 from ..model import NAMED_CONFIGS, ModelConfig, Sam3D
 from ..model.config import DEFAULT_COMPACT
-from .interaction import (box_corners, choose_click, decode_fp32, make_click_plan, sample_clicks,
+from .interaction import (box_corners, choose_click, make_click_plan, sample_clicks,
                           upsample_logits, upsampling_matrix)
 from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
 from .losses import dice_bce_loss, batch_dice, hard_iou
@@ -154,7 +154,7 @@ class InteractiveTraining(nn.Module):
                                                      choose=self.choose_click)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
-            low_res, iou_pred = decode_fp32(self.model, embedding, points, labels, mask_prompt)
+            low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt)
             loss, pred = self.step_terms(low_res, iou_pred, upsampling, target, self.interaction.iou_loss_weight)
             total = total + loss
             mask_prompt = low_res.detach()
@@ -253,9 +253,10 @@ def benchmark(config: TrainConfig, steps: int, warmup: int = 3) -> dict:
     and of the data alone, over ``steps`` steps after ``warmup``; nothing is written."""
     import time
 
-    from .loop import _autocast, make_optimizer
+    from .loop import _autocast, configure_cuda, make_optimizer
 
     context = DistributedContext.start(config.run.device)
+    configure_cuda(context.device)
     task, batches = build_training(config, context)
     module = task.module.to(context.device)
     optimizer = make_optimizer(module, config.run, task.lr_scales)

@@ -17,6 +17,7 @@ from FastSAM3DLib.checkpoint import read_checkpoint, save_model
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.model import DecoderConfig, EncoderConfig, ModelConfig, Sam3D
 from FastSAM3DLib.model.config import DEFAULT_COMPACT
+from FastSAM3DLib.model.prompt_encoder import PositionEmbeddingRandom3D
 from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
                                         RunConfig, learning_rate_factor, loader_batches, run)
@@ -119,6 +120,40 @@ def test_click_plan_has_silent_middle_and_last_steps():
         assert 6 <= plan.steps <= 11 and plan.adds_click(0) and not plan.adds_click(plan.steps - 1)
         assert len(plan.silent_steps) == 2 and all(0 < s < plan.steps for s in plan.silent_steps)
     assert make_click_plan(2, 2, generator).silent_steps == frozenset()
+
+
+def test_click_fourier_features_stay_exact_under_a_bf16_autocast():
+    """Training runs the decoder under a bf16 autocast (as on CUDA): the clicks'
+    Fourier features (sines of arguments up to ~20 rad) must not be rounded."""
+    torch.manual_seed(0)
+    layer = PositionEmbeddingRandom3D(24)
+    coords = torch.rand(3, 5, 3) * 128
+    exact = layer.points(coords, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer.points(coords, 128)
+        grid = layer.dense(8)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, exact, rtol=0, atol=1e-5)
+    torch.testing.assert_close(grid, layer.dense(8), rtol=0, atol=1e-5)
+
+
+def test_training_step_under_a_bf16_autocast_reaches_every_part(tiny_weights):
+    """The CUDA training step (bf16 autocast around encoder and decoder): a finite
+    loss whose gradient reaches the encoder, the prompt encoder and the decoder."""
+    config = TrainConfig(run=RunConfig(out="unused", batch_size=2, device="cpu"),
+                         interaction=InteractionConfig(min_steps=2, max_steps=2, interior_prob=0.0),
+                         init=(str(tiny_weights),))
+    task, _ = build_training(config, DistributedContext(0, 1, torch.device("cpu")))
+    images, targets = OneSample()[0]
+    task.on_step(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = task.module(images[None].repeat(2, 1, 1, 1, 1), targets[None].repeat(2, 1, 1, 1, 1),
+                                    torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    grads = {name.split(".")[1]: p.grad for name, p in task.module.named_parameters() if p.grad is not None}
+    assert {"image_encoder", "prompt_encoder", "mask_decoder"} <= set(grads)
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_learning_rate_warms_up_then_decays_by_cosine():
