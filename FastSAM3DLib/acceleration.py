@@ -20,11 +20,12 @@ __all__ = ["CapturedCall", "ModelRunner"]
 
 
 @contextlib.contextmanager
-def _tf32():
-    """TF32 tensor cores for float32 matrix products and convolutions, restored
-    after. The flags in force at capture are baked into a graph."""
+def _tf32(enabled: bool):
+    """TF32 tensor cores for float32 matrix products and convolutions on or off
+    (cuDNN's default is on: off means true float32), restored after. The flags
+    in force at capture are baked into a graph."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
@@ -124,7 +125,7 @@ class ModelRunner:
     def _run(self, key: tuple, fn, inputs: tuple, tf32: bool):
         """fn(*inputs) eagerly, or as the replay of the graph captured for ``key``."""
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with on_device, _tf32() if tf32 else contextlib.nullcontext():
+        with on_device, _tf32(tf32):
             if not self.graphs:
                 return fn(*inputs)
             call = self._captured.get(key)
