@@ -4,7 +4,7 @@
 #   2. on a GPU machine (numpy + torch are enough): interactive training from the pack.
 # A session's GPU time holds one ~8-minute run; each run continues from the last run's weights
 # with a fresh optimiser and a short warm-up (the weights travel, the optimiser state does not).
-#   scripts/train_default.sh pack            -> .gpu/train.pack, .gpu/maps.pack
+#   scripts/train_default.sh pack            -> .gpu/train.pack, .gpu/maps.pack, .gpu/maps2.pack
 #   scripts/train_default.sh train INIT OUT  -> OUT/model.safetensors (on the GPU machine)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -14,17 +14,29 @@ case "${1:?usage: scripts/train_default.sh pack | train INIT OUT}" in
 pack)
     mkdir -p .gpu
     # The validation cases (top level of the data folder) are never packed: the training manifest
-    # marks them "stored_in_train_folder": false. Label maps: a subset, so that both packs and a
-    # checkout fit one 64 MiB transfer to the GPU machine.
+    # marks them "stored_in_train_folder": false. Label maps in two packs, so that the first
+    # two and a checkout fit one 64 MiB transfer to the GPU machine.
     "$python" -m FastSAM3DLib.cli pack .gpu/train.pack "$data/train"
-    skip=()
-    for n in 09 10 11 12 13 14 15 16 17 18 19 20; do skip+=(--exclude "synthseg_training_seg_$n"); done
-    for n in 38 44 49 54; do skip+=(--exclude "brainweb_subject${n}_crisp"); done
+    held=()
+    for n in 09 10 11 12 13 14 15 16 17 18 19 20; do held+=("synthseg_training_seg_$n"); done
+    for n in 38 44 49 54; do held+=("brainweb_subject${n}_crisp"); done
+    skip=(); for c in "${held[@]}"; do skip+=(--exclude "$c"); done
     "$python" -m FastSAM3DLib.cli pack .gpu/maps.pack "$data/label_maps" "${skip[@]}"
+    # The held-back maps, for a second call while the GPU machine is still warm (it keeps the
+    # first call's packs): every other map excluded.
+    skip=()
+    for c in $("$python" -c 'import json, sys; held = set(sys.argv[2:]); print(" ".join(
+            e["case"] for e in json.load(open(sys.argv[1])) if e["case"] not in held))' \
+            "$data/label_maps/MANIFEST.json" "${held[@]}"); do
+        skip+=(--exclude "$c")
+    done
+    "$python" -m FastSAM3DLib.cli pack .gpu/maps2.pack "$data/label_maps" "${skip[@]}"
     ;;
 train)
     init=${2:?INIT weights}; out=${3:?OUT folder}
-    "$python" -m FastSAM3DLib.cli train --pack .gpu/train.pack --pack .gpu/maps.pack --box-prompts \
+    packs=()  # every pack this machine holds
+    for p in .gpu/train.pack .gpu/maps.pack .gpu/maps2.pack; do [[ -f $p ]] && packs+=(--pack "$p"); done
+    "$python" -m FastSAM3DLib.cli train "${packs[@]}" --box-prompts \
         --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size "${BATCH:-64}" --steps "${STEPS:-940}" \
         --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
         --checkpoint-every 100000 --device cuda --no-progress

@@ -17,13 +17,19 @@ from synthetic_weights import (PROMPT_CASES, case_inputs, fixture_key, load_pari
 VARIANTS = {"sammed3d": "sam-med3d", "fastsam3d_teacher": "fastsam3d-teacher",
             "fastsam3d_student": "fastsam3d"}
 TOLERANCE = 1e-4
+# The IoU head's outputs under synthetic weights can be as small as 4e-3 (the teacher's second
+# click), so float32 summation-order differences between BLAS builds (~5e-7 absolute) reach 1e-4
+# of them; a wrong head is off by ~1e-3.
+IOU_ABSOLUTE_TOLERANCE = 2e-6
 
 
-def assert_parity(ours: torch.Tensor, reference, what: str) -> None:
+def assert_parity(ours: torch.Tensor, reference, what: str, absolute_tolerance: float = 0.0) -> None:
     reference = torch.as_tensor(reference)
     assert ours.shape == reference.shape, f"{what}: shape {tuple(ours.shape)} vs {tuple(reference.shape)}"
-    error = (ours.double() - reference.double()).abs().max() / reference.double().abs().max()
-    assert error <= TOLERANCE, f"{what}: relative error {error:.2e}"
+    difference = (ours.double() - reference.double()).abs().max()
+    error = difference / reference.double().abs().max()
+    assert error <= TOLERANCE or difference <= absolute_tolerance, (
+        f"{what}: relative error {error:.2e} (absolute {difference:.2e})")
 
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
@@ -55,7 +61,7 @@ def test_prompt_cases(variant_run):
         what = f"{variant} {case.name}"
         assert_parity(sparse, ref[fixture_key(case.name, "sparse")], what + " sparse")
         assert_parity(logits, ref[fixture_key(case.name, "low_res_logits")], what + " logits")
-        assert_parity(iou, ref[fixture_key(case.name, "iou")], what + " iou")
+        assert_parity(iou, ref[fixture_key(case.name, "iou")], what + " iou", IOU_ABSOLUTE_TOLERANCE)
 
 
 def test_block_formulas_really_differ():
