@@ -302,6 +302,9 @@ def cmd_evaluate(args) -> int:
     print(ev.format_table(summary, per_target=args.per_target))
     if ceiling:
         print(ev.TABLE_NOTES)
+    if ev.format_latency(summary):
+        print(ev.format_latency(summary) + f" ({args.jobs} process(es) x {threads} thread(s), "
+              f"device {args.device})")
     _log(f"{len(tasks)} targets in {seconds:.0f} s")
     if args.json:
         ev.write_json(args.json, summary, results, {

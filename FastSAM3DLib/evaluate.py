@@ -5,7 +5,8 @@ For each case and target (one label id), clicks are simulated by a named rule
 under test answers each click and the Dice after every click is recorded.
 Three things are reported side by side, so a number is never read alone:
 
-* ``model``: the engine (``Engine.new_session`` / ``add_click`` / ``mask``);
+* ``model``: the engine (``Engine.new_session`` / ``add_click`` / ``mask``),
+  with each prompt's click-to-mask time and encoder runs (``MaskUpdate``);
 * ``sphere``: the trivial baseline (``SphereBaseline``): a 12 mm ball around
   every positive click, a 6 mm hole at every negative one, in physical mm on
   the image's grid, driven by the same click rule against its own previous
@@ -150,12 +151,12 @@ class ModelMethod:
     def __init__(self, engine, image: sitk.Image):
         self.session = engine.new_session(sitk.Image(image))
 
-    def add_click(self, index_kji, positive: bool) -> None:
+    def add_click(self, index_kji, positive: bool):
         k, j, i = index_kji
-        self.session.add_click((i, j, k), positive=positive, space="ijk")
+        return self.session.add_click((i, j, k), positive=positive, space="ijk")
 
-    def add_box(self, box_lps) -> None:
-        self.session.add_box(box_lps[0], box_lps[1], space="lps")
+    def add_box(self, box_lps):
+        return self.session.add_box(box_lps[0], box_lps[1], space="lps")
 
     def mask(self) -> np.ndarray:
         return self.session.mask()
@@ -227,6 +228,15 @@ class Run:
     dice: list[float]                            # after prompt 1, 2, ... (with a box first: the box, then clicks)
     clicks: list[tuple[tuple[int, int, int], bool]] = field(default_factory=list)   # (k, j, i), positive
     box_lps: list[list[float]] | None = None     # the first prompt's box (LPS min, max corners)
+    # The model's answer to each prompt it was given (the baseline has none): the session's
+    # click-to-mask time and the crops it embedded (MaskUpdate.timings["total"], .encoder_runs).
+    prompt_ms: list[float] = field(default_factory=list)
+    encoder_runs: list[int] = field(default_factory=list)
+
+    def record(self, update) -> None:
+        if update is not None:
+            self.prompt_ms.append(update.timings["total"] * 1000)
+            self.encoder_runs.append(update.encoder_runs)
 
     def dice_at(self, n: int) -> float:
         if not self.dice:
@@ -258,7 +268,7 @@ def simulate(method, image: sitk.Image, gt: np.ndarray, rule: str, n_clicks: int
     first_click = 0
     if first_prompt == "box":
         box = target_box_lps(image, gt, box_jitter, rng)
-        method.add_box(box)
+        run.record(method.add_box(box))
         pred = method.mask()
         run.box_lps = box.tolist()
         run.dice.append(dice(pred, gt))
@@ -268,7 +278,7 @@ def simulate(method, image: sitk.Image, gt: np.ndarray, rule: str, n_clicks: int
         if click is None:                       # nothing left to correct
             run.dice.append(run.dice[-1] if run.dice else dice(pred, gt))
             continue
-        method.add_click(click.index, click.positive)
+        run.record(method.add_click(click.index, click.positive))
         pred = method.mask()
         run.clicks.append((tuple(int(v) for v in click.index), bool(click.positive)))
         run.dice.append(dice(pred, gt))
@@ -583,7 +593,44 @@ def summarise(results: list[TargetResult], n_clicks: int, subsets=()) -> dict:
                                         for k in ks} for m in METHODS if t.runs_of(m)},
              "ceiling": {c.setting: {"dice": c.dice, "spacing_mm": c.spacing_mm, "coverage": c.coverage}
                          for c in t.ceilings}} for t in results]
-    return {"clicks_reported": ks, "groups": groups, "per_target": rows}
+    return {"clicks_reported": ks, "groups": groups, "per_target": rows, "latency": latency(results)}
+
+
+def latency(results: list[TargetResult]) -> dict:
+    """The model's click-to-mask times (ms) over every run: the first prompt of each object;
+    later prompts answered by the decoder alone, and those that embedded a crop (zoom, a
+    moved crop, a new tile); and the encoder runs per object."""
+    runs = [r for t in results for r in t.runs_of("model") if r.prompt_ms]
+    if not runs:
+        return {}
+    later = [(ms, n) for r in runs for ms, n in zip(r.prompt_ms[1:], r.encoder_runs[1:])]
+
+    def stats(values) -> dict:
+        return {"count": len(values), "median_ms": float(np.median(values)) if values else None,
+                "p90_ms": float(np.percentile(values, 90)) if values else None}
+
+    return {"first_prompt": stats([r.prompt_ms[0] for r in runs]),
+            "decoder_only": stats([ms for ms, n in later if n == 0]),
+            "with_encoder": stats([ms for ms, n in later if n > 0]),
+            "encoder_runs_per_object": float(np.mean([sum(r.encoder_runs) for r in runs]))}
+
+
+def format_latency(summary: dict) -> str:
+    """One line of ``summary["latency"]`` ('' when the model ran no prompt)."""
+    value = summary.get("latency")
+    if not value:
+        return ""
+
+    def cell(name: str, title: str) -> str:
+        s = value[name]
+        if not s["count"]:
+            return f"{title}: none"
+        return f"{title} {s['median_ms']:.1f} ms (p90 {s['p90_ms']:.1f}, n {s['count']})"
+
+    return ("model click-to-mask, medians: " + "; ".join([
+        cell("first_prompt", "first prompt"), cell("decoder_only", "decoder-only click"),
+        cell("with_encoder", "click that embeds a crop")])
+        + f"; encoder runs per object {value['encoder_runs_per_object']:.2f}")
 
 
 def _cell(value: dict) -> str:

@@ -163,6 +163,23 @@ def test_summary_keeps_manual_and_model_targets_apart_and_subsets():
                                                                                                    ddof=1))}
 
 
+def test_latency_splits_later_prompts_by_whether_they_embedded_a_crop():
+    def timed(ms, encoder_runs):
+        run = ev.Run("model", 0, [0.5] * len(ms))
+        run.prompt_ms, run.encoder_runs = list(ms), list(encoder_runs)
+        return ev.TargetResult(ev.Target("a", 1, "", "manual", 500), [run, ev.Run("sphere", 0, [0.1])], [], 0.0)
+
+    results = [timed([900, 30, 40, 500], [2, 0, 0, 1]), timed([700, 20, 60], [1, 0, 0]), timed([800], [2])]
+    value = ev.summarise(results, n_clicks=3)["latency"]
+    assert value["first_prompt"] == {"count": 3, "median_ms": 800.0, "p90_ms": pytest.approx(880.0)}
+    assert value["decoder_only"]["count"] == 4 and value["decoder_only"]["median_ms"] == pytest.approx(35.0)
+    assert value["with_encoder"] == {"count": 1, "median_ms": 500.0, "p90_ms": 500.0}
+    assert value["encoder_runs_per_object"] == pytest.approx((3 + 1 + 2) / 3)
+    line = ev.format_latency({"latency": value})
+    assert "first prompt 800.0 ms" in line and "decoder-only click 35.0 ms" in line and "1.00" not in line
+    assert ev.format_latency(ev.summarise([_result("a", 1, "manual", [0.2], [0.1])], 1)) == ""
+
+
 def test_fast_mode_keeps_subset_labels_then_spreads():
     class Case:
         name = "c"
@@ -193,11 +210,29 @@ def test_cli_clicks_5_has_no_dice_at_10_and_jobs_agree(shared_data, tmp_path, ca
     first, second = outputs
     assert first["meta"]["seeds"] == [2023, 2024]
     assert all("dice@10" not in g["model"] for g in first["groups"])
-    assert [d["runs"] for d in first["details"]] == [d["runs"] for d in second["details"]]
+
+    def without_times(runs):
+        return [{k: v for k, v in r.items() if k != "prompt_ms"} for r in runs]
+
+    assert [without_times(d["runs"]) for d in first["details"]] == \
+        [without_times(d["runs"]) for d in second["details"]]
     runs = first["details"][0]["runs"]
     assert sorted((r["method"], r["seed"]) for r in runs) == [("model", 2023), ("model", 2024),
                                                              ("sphere", 2023), ("sphere", 2024)]
     assert all(len(r["dice"]) == 5 for r in runs)
+    # The model's answer to every click it got is timed, with the crops it embedded; the
+    # baseline has none. The first click embeds the object's crop, and the summary's line
+    # reports the first clicks' median.
+    for run in runs:
+        n = len(run["clicks"]) if run["method"] == "model" else 0
+        assert len(run["prompt_ms"]) == len(run["encoder_runs"]) == n
+    models = [r for r in runs if r["method"] == "model"]
+    assert all(r["encoder_runs"][0] >= 1 and all(ms > 0 for ms in r["prompt_ms"]) for r in models)
+    assert first["latency"]["first_prompt"]["median_ms"] == pytest.approx(
+        float(np.median([r["prompt_ms"][0] for r in models])))
+    assert first["latency"]["encoder_runs_per_object"] == pytest.approx(
+        np.mean([sum(r["encoder_runs"]) for r in models]))
+    assert "model click-to-mask, medians: first prompt" in printed
 
 
 def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
