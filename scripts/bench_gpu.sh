@@ -1,16 +1,51 @@
 #!/usr/bin/env bash
-# One GPU call: the CUDA tests, then the benchmark, writing into the folder $1
-# (bench.json, bench.md, tests.log, bench.log). Needs torch (with CUDA), numpy and
-# pytest; SimpleITK (with scipy, safetensors and ../shared/data, or DATA=...) is optional:
-# without it the Engine click-to-mask, paste-back and real-case stages are skipped and
-# bench.md says so. About 4 minutes on one H200.
+# The GPU benchmark of the engine, in two steps:
+#   scripts/bench_gpu.sh stage   (here, with SimpleITK and ../shared/data) -> .gpu/bench/:
+#       the SimpleITK wheel in three parts (the GPU machine has none, and the wheel, 53 MB, does
+#       not fit one transfer beside a checkout) and the four validation cases with a manifest;
+#       carry them over three calls while the machine stays warm (see docs/performance.md).
+#   scripts/bench_gpu.sh OUT     (on the GPU machine) -> OUT/: tests.log, bench.json, bench.md,
+#       bench.log; with SimpleITK (installed from the staged parts when they are all there) also
+#       the engine's click-to-mask with zoom on the validation cases: zoom_{auto,fixed}.{log,json}.
+# Needs torch (with CUDA), numpy and pytest; without SimpleITK (or scipy, safetensors, the cases)
+# the Engine click-to-mask, paste-back, real-case and zoom stages are skipped and bench.md says so.
+# About 4 minutes on one H200, plus about a minute per zoom setting.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${1:?usage: scripts/bench_gpu.sh OUTPUT_FOLDER}
 PYTHON=${PYTHON:-python3}
+STAGE=.gpu/bench
+VALIDATION=ct_abdomen_pelvis_totalseg_example,mri_brain_glioma_brats2013,mri_spine_cord_sct_t2,mri_brain_aal_colin27
+
+if [ "${1:-}" = stage ]; then
+    set -e
+    DATA=${DATA:-../shared/data}
+    rm -rf "$STAGE" && mkdir -p "$STAGE/wheel" "$STAGE/data/train"
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
+        --python-version 3.11 -d "$STAGE/wheel" SimpleITK
+    wheel=$(ls "$STAGE"/wheel/*.whl)
+    split -n 3 -d "$wheel" "$STAGE/wheel/$(basename "$wheel").part"
+    rm "$wheel"
+    cp "$DATA/train/MANIFEST.json" "$STAGE/data/train/"
+    for case in ${VALIDATION//,/ }; do cp -r "$DATA/$case" "$STAGE/data/"; done
+    du -sh "$STAGE"/wheel/* "$STAGE"/data
+    exit 0
+fi
+
+OUT=${1:?usage: scripts/bench_gpu.sh stage | OUTPUT_FOLDER}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
+
+# SimpleITK from the staged parts, into a folder of its own (nothing of the machine's changes).
+parts=("$STAGE"/wheel/*.part0{0,1,2})
+if ! "$PYTHON" -c "import SimpleITK" 2>/dev/null && [ -f "${parts[0]}" ] && [ -f "${parts[2]}" ]; then
+    site=$(mktemp -d)
+    wheel="$site/$(basename "${parts[0]%.part00}")"
+    cat "${parts[@]}" > "$wheel" && "$PYTHON" -m pip install -q --no-deps --no-index --target "$site/lib" "$wheel" \
+        && export PYTHONPATH=$PYTHONPATH:$site/lib
+fi
+[ -f "$STAGE/data/train/MANIFEST.json" ] && DATA=${DATA:-$STAGE/data}
+DATA=${DATA:-../shared/data}
 
 # The CUDA tests (graphs in fp32 and bf16 against the CPU model) and the model tests
 # they rely on; parity (1e-4 against the reference fixtures) runs on the CPU here too.
@@ -21,14 +56,28 @@ tests=${PIPESTATUS[0]}
 # The benchmark: every ModelRunner variant of FastSAM3D and SAM-Med3D, the accuracy
 # rule on the four validation cases with the bundled model (when the data and SimpleITK
 # are there), then the compiled variants of FastSAM3D; --budget-s skips what would not fit.
-DATA=${DATA:-../shared/data}
 cases=()
+have_cases=0
 if [ -f "$DATA/train/MANIFEST.json" ] && "$PYTHON" -c "import SimpleITK, scipy, safetensors" 2>/dev/null; then
-    cases=(--cases "$DATA/train/MANIFEST.json" --case-names
-           ct_abdomen_pelvis_totalseg_example,mri_brain_glioma_brats2013,mri_spine_cord_sct_t2,mri_brain_aal_colin27)
+    have_cases=1
+    cases=(--cases "$DATA/train/MANIFEST.json" --case-names "$VALIDATION")
 fi
 timeout 200 "$PYTHON" -m FastSAM3DLib.bench --device cuda --models fastsam3d,sam-med3d --compile \
     --repeats 100 --warmup 10 --budget-s 150 "${cases[@]}" --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 bench=${PIPESTATUS[0]}
-echo "tests exit $tests, bench exit $bench"
-exit $(( tests != 0 || bench != 0 ))
+
+# Click-to-mask with zoom: the validation run's sessions on the GPU, one process, each
+# prompt timed through the session (the summary's last line; per prompt in the JSON).
+zoom=0
+if [ "$have_cases" = 1 ]; then
+    for spacing in auto fixed; do
+        timeout 150 "$PYTHON" -m FastSAM3DLib.cli evaluate "$DATA/train/MANIFEST.json" --cases "$VALIDATION" \
+            --model default --device cuda --spacing "$spacing" --baseline none --min-voxels 200 \
+            --max-targets-per-case 12 --jobs 1 --json "$OUT/zoom_$spacing.json" > "$OUT/zoom_$spacing.log" 2>&1 || zoom=1
+        tail -n 12 "$OUT/zoom_$spacing.log" | grep -v "targets:"
+    done
+else
+    echo "zoom click-to-mask skipped: needs SimpleITK, scipy, safetensors and the validation cases"
+fi
+echo "tests exit $tests, bench exit $bench, zoom exit $zoom"
+exit $(( tests != 0 || bench != 0 || zoom != 0 ))
