@@ -303,8 +303,9 @@ def cmd_evaluate(args) -> int:
     if ceiling:
         print(ev.TABLE_NOTES)
     if ev.format_latency(summary):
-        print(ev.format_latency(summary) + f" ({args.jobs} process(es) x {threads} thread(s), "
-              f"device {args.device})")
+        from .build import resolve_device
+        print(ev.format_latency(summary) + f" ({args.jobs} process(es) x {threads} thread(s) on "
+              f"{resolve_device(args.device).type})")
     _log(f"{len(tasks)} targets in {seconds:.0f} s")
     if args.json:
         ev.write_json(args.json, summary, results, {

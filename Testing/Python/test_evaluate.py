@@ -232,7 +232,7 @@ def test_cli_clicks_5_has_no_dice_at_10_and_jobs_agree(shared_data, tmp_path, ca
         float(np.median([r["prompt_ms"][0] for r in models])))
     assert first["latency"]["encoder_runs_per_object"] == pytest.approx(
         np.mean([sum(r["encoder_runs"]) for r in models]))
-    assert "model click-to-mask, medians: first prompt" in printed
+    assert "model click-to-mask, medians: first prompt" in printed and "thread(s) on cpu)" in printed
 
 
 def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
