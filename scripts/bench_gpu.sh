@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU benchmark of the engine, in two steps:
 #   scripts/bench_gpu.sh stage   (here, with SimpleITK and ../shared/data) -> .gpu/bench/:
-#       the SimpleITK wheel in three parts (the GPU machine has none, and the wheel, 53 MB, does
-#       not fit one transfer beside a checkout) and the four validation cases with a manifest;
-#       carry them over three calls while the machine stays warm (see docs/performance.md).
+#       SimpleITK (the GPU machine has none) as an xz tar of its installed wheel in two parts
+#       (the wheel is 53 MB, the tar 28 MB: one transfer beside a checkout holds ~22 MB), and
+#       the four validation cases with a manifest; carry them over two calls while the machine
+#       stays warm (see docs/performance.md).
 #   scripts/bench_gpu.sh OUT     (on the GPU machine) -> OUT/: tests.log, bench.json, bench.md,
-#       bench.log; with SimpleITK (installed from the staged parts when they are all there) also
+#       bench.log; with SimpleITK (unpacked from the staged parts when both are there) also
 #       the engine's click-to-mask with zoom on the validation cases: zoom_{auto,fixed}.{log,json}.
 # Needs torch (with CUDA), numpy and pytest; without SimpleITK (or scipy, safetensors, the cases)
 # the Engine click-to-mask, paste-back, real-case and zoom stages are skipped and bench.md says so.
@@ -19,15 +20,20 @@ VALIDATION=ct_abdomen_pelvis_totalseg_example,mri_brain_glioma_brats2013,mri_spi
 if [ "${1:-}" = stage ]; then
     set -e
     DATA=${DATA:-../shared/data}
-    rm -rf "$STAGE" && mkdir -p "$STAGE/wheel" "$STAGE/data/train"
+    rm -rf "$STAGE" && mkdir -p "$STAGE/simpleitk" "$STAGE/data/train"
+    work=$(mktemp -d)
     "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --platform manylinux2014_x86_64 \
-        --python-version 3.11 -d "$STAGE/wheel" SimpleITK
-    wheel=$(ls "$STAGE"/wheel/*.whl)
-    split -n 3 -d "$wheel" "$STAGE/wheel/$(basename "$wheel").part"
-    rm "$wheel"
+        --python-version 3.11 -d "$work" SimpleITK
+    # A wheel is a zip: its files are what an install puts on the path (abi3: any CPython >= 3.11).
+    "$PYTHON" -c 'import sys, tarfile, zipfile
+zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2] + "/lib")
+with tarfile.open(sys.argv[2] + "/simpleitk.tar.xz", "w:xz", preset=9) as tar:
+    tar.add(sys.argv[2] + "/lib", arcname=".")' "$work"/*.whl "$work"
+    split -n 2 -d "$work/simpleitk.tar.xz" "$STAGE/simpleitk/tar.xz.part"
+    rm -rf "$work"
     cp "$DATA/train/MANIFEST.json" "$STAGE/data/train/"
     for case in ${VALIDATION//,/ }; do cp -r "$DATA/$case" "$STAGE/data/"; done
-    du -sh "$STAGE"/wheel/* "$STAGE"/data
+    du -sh "$STAGE"/simpleitk/* "$STAGE"/data/*
     exit 0
 fi
 
@@ -37,12 +43,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; print('torch', torch.__version__, torch.cuda.get_device_name())" || exit 2
 
 # SimpleITK from the staged parts, into a folder of its own (nothing of the machine's changes).
-parts=("$STAGE"/wheel/*.part0{0,1,2})
-if ! "$PYTHON" -c "import SimpleITK" 2>/dev/null && [ -f "${parts[0]}" ] && [ -f "${parts[2]}" ]; then
+parts=("$STAGE"/simpleitk/tar.xz.part00 "$STAGE"/simpleitk/tar.xz.part01)
+if ! "$PYTHON" -c "import SimpleITK" 2>/dev/null && [ -f "${parts[0]}" ] && [ -f "${parts[1]}" ]; then
     site=$(mktemp -d)
-    wheel="$site/$(basename "${parts[0]%.part00}")"
-    cat "${parts[@]}" > "$wheel" && "$PYTHON" -m pip install -q --no-deps --no-index --target "$site/lib" "$wheel" \
-        && export PYTHONPATH=$PYTHONPATH:$site/lib
+    cat "${parts[@]}" | "$PYTHON" -c 'import sys, tarfile
+tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz").extractall(sys.argv[1], filter="data")' "$site" \
+        && export PYTHONPATH=$PYTHONPATH:$site
 fi
 [ -f "$STAGE/data/train/MANIFEST.json" ] && DATA=${DATA:-$STAGE/data}
 DATA=${DATA:-../shared/data}
