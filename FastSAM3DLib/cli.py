@@ -302,9 +302,10 @@ def cmd_evaluate(args) -> int:
     print(ev.format_table(summary, per_target=args.per_target))
     if ceiling:
         print(ev.TABLE_NOTES)
-    if ev.format_latency(summary):
+    latency_line = ev.format_latency(summary)
+    if latency_line:
         from .build import resolve_device
-        print(ev.format_latency(summary) + f" ({args.jobs} process(es) x {threads} thread(s) on "
+        print(f"{latency_line} ({args.jobs} process(es) x {threads} thread(s) on "
               f"{resolve_device(args.device).type})")
     _log(f"{len(tasks)} targets in {seconds:.0f} s")
     if args.json:
