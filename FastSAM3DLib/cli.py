@@ -439,6 +439,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "without them) and train with boxes as first prompts")
     tr.add_argument("--box-probability", type=float, default=0.3,
                     help="share of steps whose first prompt is a box, for box-prompt models (default 0.3)")
+    tr.add_argument("--multimask-first-click", action="store_true",
+                    help="train the decoder's three multimask outputs on first clicks (lowest loss of "
+                         "the three learnt, the IoU head picks one) and mark the model so that the engine "
+                         "answers a lone first click with them; a model without them starts them as "
+                         "copies of its single-mask output")
     tr.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the per-voxel work of each click step (losses, click sampling) eagerly "
                          "on CUDA instead of compiling it with torch.compile")
@@ -605,7 +610,7 @@ def cmd_train(args) -> int:
                                                        compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
-                         encoder_width=args.encoder_width)
+                         encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click)
     if args.benchmark:
         print(json.dumps(benchmark(config, args.benchmark)))
         return 0

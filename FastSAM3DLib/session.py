@@ -572,12 +572,15 @@ class Engine:
             return embedding, True
 
     def decode(self, embedding: torch.Tensor, points_voxel: np.ndarray, labels: np.ndarray,
-               mask_logits: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+               mask_logits: torch.Tensor | None, multimask: bool = False) -> tuple[torch.Tensor, float]:
+        """(1, 1, s, s, s) low-res logits and their IoU estimate; ``multimask``: of the
+        decoder's multimask outputs, the one with the highest IoU estimate."""
         with self._lock:
             points = torch.as_tensor(points_voxel, dtype=torch.float32)[None]
             lab = torch.as_tensor(labels, dtype=torch.int64)[None]
-            logits, iou = self._run(lambda: self.runner.decode(embedding, points, lab, mask_logits))
-            return logits, float(iou[0, 0])
+            logits, iou = self._run(lambda: self.runner.decode(embedding, points, lab, mask_logits, multimask))
+            best = int(iou[0].argmax())
+            return logits[:, best:best + 1], float(iou[0, best])
 
 
 # -- one object ------------------------------------------------------------------
@@ -743,8 +746,11 @@ class InteractiveSession:
             labels = np.array([int(c.positive) for c in inside], dtype=np.int64)
             if corners is not None:
                 points, labels = np.concatenate([corners, points]), np.concatenate([[2, 3], labels])
+            # A lone positive click on a new object is the ambiguous prompt multimask answers.
+            multimask = (engine.model.config.multimask_first_click and not tiles and corners is None
+                         and len(inside) == 1 and inside[0].positive)
             t0 = time.perf_counter()
-            logits, iou = engine.decode(embedding, points, labels, prompt)
+            logits, iou = engine.decode(embedding, points, labels, prompt, multimask)
             counts["decode"] += time.perf_counter() - t0
             new.append(Tile(roi, logits, pass_index))
             ious.append(iou)

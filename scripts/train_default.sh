@@ -36,7 +36,7 @@ train)
     init=${2:?INIT weights}; out=${3:?OUT folder}
     packs=()  # every pack this machine holds
     for p in .gpu/train.pack .gpu/maps.pack .gpu/maps2.pack; do [[ -f $p ]] && packs+=(--pack "$p"); done
-    "$python" -m FastSAM3DLib.cli train "${packs[@]}" --box-prompts --box-probability "${BOX_P:-0.3}" \
+    "$python" -m FastSAM3DLib.cli train "${packs[@]}" --box-prompts --box-probability "${BOX_P:-0.3}" --multimask-first-click \
         --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size "${BATCH:-64}" --steps "${STEPS:-940}" \
         --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
         --checkpoint-every 100000 --device cuda --no-progress

@@ -71,6 +71,10 @@ class ModelConfig:
     # Box prompts: two more point embeddings for the corners (labels 2 and 3, as
     # SAM encodes boxes). The official checkpoints have none.
     box_prompts: bool = False
+    # A first prompt of one positive click is ambiguous (a part, the organ, or more): the
+    # decoder's three multimask outputs answer it and the IoU head picks one, as SAM does.
+    # Only for weights trained that way; the official checkpoints trained the single mask only.
+    multimask_first_click: bool = False
 
     @property
     def image_embedding_size(self) -> int:
@@ -95,6 +99,7 @@ class ModelConfig:
             trained_spacing_range_mm=(None if data.get("trained_spacing_range_mm") is None
                                       else tuple(float(v) for v in data["trained_spacing_range_mm"])),
             box_prompts=bool(data.get("box_prompts", False)),
+            multimask_first_click=bool(data.get("multimask_first_click", False)),
         )
 
 

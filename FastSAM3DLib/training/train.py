@@ -72,6 +72,7 @@ class TrainConfig:
     decoder_lr_scale: float | None = None
     box_prompts: bool = False           # add box-corner embeddings to a model that lacks them
     encoder_width: int | None = None    # image-encoder width of a fresh model (heads = width / 64)
+    multimask_first_click: bool = False  # train the multimask outputs on first clicks (see ModelConfig)
 
 
 def resolve_model_config(name: str | None, init: tuple[str, ...]) -> ModelConfig:
@@ -108,6 +109,21 @@ def _is_box_embedding(key: str) -> bool:
     return key in ("prompt_encoder.point_embeddings.2.weight", "prompt_encoder.point_embeddings.3.weight")
 
 
+def copy_single_mask_output(model: Sam3D) -> None:
+    """Start the multimask outputs as copies of the trained single-mask output (its
+    token, hypernetwork and IoU-head row), for weights that only trained that one:
+    all three begin at the single mask's answer and the min-over-masks loss makes
+    them diverge. Untrained outputs would give the first click a random mask."""
+    decoder = model.mask_decoder
+    with torch.no_grad():
+        for i in range(1, decoder.num_mask_tokens):
+            decoder.mask_tokens.weight[i] = decoder.mask_tokens.weight[0]
+            decoder.output_hypernetworks_mlps[i].load_state_dict(decoder.output_hypernetworks_mlps[0].state_dict())
+        last = decoder.iou_prediction_head.layers[-1]
+        last.weight[1:] = last.weight[0]
+        last.bias[1:] = last.bias[0]
+
+
 class InteractiveTraining(nn.Module):
     """forward(images, targets, generator) -> (loss, metrics) of one batch of
     simulated interactions; the click plan of a step is set by ``begin_step``
@@ -120,12 +136,14 @@ class InteractiveTraining(nn.Module):
         self.seed = seed
         self.plan = None
         self.step_terms, self.choose_click = click_step_terms, choose_click
+        self.multimask_terms = multimask_step_terms
 
     def compile_for(self, device: torch.device) -> None:
         """Compile the per-voxel functions for ``device`` when the configuration asks (CUDA only)."""
         if self.interaction.compile and device.type == "cuda":
             self.step_terms = torch.compile(click_step_terms, dynamic=False)
             self.choose_click = torch.compile(choose_click, dynamic=False)
+            self.multimask_terms = torch.compile(multimask_step_terms, dynamic=False)
 
     def begin_step(self, step: int) -> None:
         generator = torch.Generator().manual_seed(step_seed(self.seed, step, rank=0))
@@ -154,8 +172,15 @@ class InteractiveTraining(nn.Module):
                                                      choose=self.choose_click)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
-            low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt)
-            loss, pred = self.step_terms(low_res, iou_pred, upsampling, target, self.interaction.iou_loss_weight)
+            # The engine's rule: a first prompt of one click (always positive here) is multimask.
+            if i == 0 and not plan.box_first and self.model.config.multimask_first_click:
+                low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt, multimask=True)
+                loss, pred, low_res = self.multimask_terms(low_res, iou_pred, upsampling, target,
+                                                           self.interaction.iou_loss_weight)
+            else:
+                low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt)
+                loss, pred = self.step_terms(low_res, iou_pred, upsampling, target,
+                                             self.interaction.iou_loss_weight)
             total = total + loss
             mask_prompt = low_res.detach()
             if first_dice is None:
@@ -171,6 +196,32 @@ def click_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: 
     pred = logits.detach() > 0
     iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
     return dice_bce_loss(logits, target) + iou_loss_weight * iou_loss, pred
+
+
+def multimask_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: torch.Tensor,
+                         target: torch.Tensor, iou_loss_weight: float
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, prediction, low-res logits fed back) of a multimask step, as SAM
+    trains ambiguous prompts: per sample only the mask with the lowest Dice + BCE
+    is learnt from (so the masks can answer different readings of the click), the
+    IoU head learns every mask's IoU, and what goes on, as at inference, is the
+    mask with the highest IoU estimate. low_res (B, M, s, s, s), iou_pred (B, M)."""
+    logits = upsample_logits(low_res.float(), upsampling)                # (B, M, N, N, N)
+    batch, masks = logits.shape[:2]
+    flat = logits.flatten(2)
+    truth = target.flatten(1)[:, None].float().expand_as(flat)
+    prob = torch.sigmoid(flat)
+    soft_dice = 1 - (2 * (prob * truth).sum(2) + 1) / (prob.sum(2) + truth.sum(2) + 1)
+    bce = F.binary_cross_entropy_with_logits(flat, truth, reduction="none").mean(2)
+    per_mask = soft_dice + bce                                            # (B, M)
+    preds = logits.detach() > 0
+    ious = torch.stack([hard_iou(preds[:, m:m + 1], target) for m in range(masks)], 1)
+    iou_loss = F.mse_loss(iou_pred.float(), ious)
+    chosen = iou_pred.detach().argmax(1)
+    pick = chosen.view(batch, 1, 1, 1, 1)
+    pred = preds.gather(1, pick.expand(-1, 1, *preds.shape[2:]))
+    fed_back = low_res.gather(1, pick.expand(-1, 1, *low_res.shape[2:]))
+    return per_mask.amin(1).mean() + iou_loss_weight * iou_loss, pred, fed_back
 
 
 def _lr_scales(name: str, decoder_scale: float) -> float:
@@ -219,6 +270,9 @@ def build_training(config: TrainConfig, context: DistributedContext):
     model_config = resolve_model_config(config.model_config, config.init)
     if config.box_prompts:
         model_config = dataclasses.replace(model_config, box_prompts=True)
+    multimask_is_new = config.multimask_first_click and not model_config.multimask_first_click
+    if config.multimask_first_click:
+        model_config = dataclasses.replace(model_config, multimask_first_click=True)
     if config.encoder_width:
         if config.encoder_width % 64 or config.init:
             raise TrainingError("--encoder-width must be a multiple of 64 and cannot be combined with --init")
@@ -232,6 +286,8 @@ def build_training(config: TrainConfig, context: DistributedContext):
     loaded = initialise(model, config.init) if config.init else []
     if loaded and context.is_main:
         print(f"initialised {', '.join(loaded)} from {', '.join(config.init)}", flush=True)
+    if multimask_is_new and "mask_decoder" in loaded:
+        copy_single_mask_output(model)
     decoder_lr_scale = config.decoder_lr_scale
     if decoder_lr_scale is None:
         decoder_lr_scale = 0.1 if "mask_decoder" in loaded else 1.0

@@ -1,5 +1,7 @@
 """The interactive engine on real scans: cache, undo/redo, crops, carried-over logits, CPU fallback."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -96,13 +98,13 @@ def test_undo_history_is_bounded(engine, spine):
 
 
 def _recording_decode(engine):
-    """Wrap engine.decode to record (points, labels, mask prompt, logits) of each call."""
+    """Wrap engine.decode to record (points, labels, embedding, mask prompt, logits, multimask) of each call."""
     calls, real = [], engine.decode
 
-    def decode(embedding, points, labels, mask_logits):
-        logits, iou = real(embedding, points, labels, mask_logits)
-        calls.append({"points": np.array(points), "labels": np.array(labels),
-                      "prompt": mask_logits.clone(), "logits": logits.clone()})
+    def decode(embedding, points, labels, mask_logits, multimask=False):
+        logits, iou = real(embedding, points, labels, mask_logits, multimask)
+        calls.append({"points": np.array(points), "labels": np.array(labels), "embedding": embedding,
+                      "prompt": mask_logits.clone(), "logits": logits.clone(), "multimask": multimask})
         return logits, iou
     engine.decode = decode
     return calls
@@ -276,3 +278,37 @@ def test_sessions_on_worker_threads_give_what_one_thread_gives(engine, spine):
     assert not errors
     for n in range(3):
         np.testing.assert_array_equal(results[n], expected[n])
+
+
+def test_only_a_lone_first_click_takes_the_most_confident_multimask_output(spine):
+    """A model marked multimask_first_click answers an object's first prompt, when it
+    is one positive click, with the multimask output its IoU head rates highest;
+    every other prompt (later clicks, a box) with the single mask."""
+    torch.manual_seed(0)
+    model = Sam3D(dataclasses.replace(build_model("fastsam3d").config, multimask_first_click=True,
+                                      box_prompts=True)).eval()
+    engine = Engine(model=model, device="cpu")
+    calls = _recording_decode(engine)
+    image, cord = spine
+    session = engine.new_session(image)
+    session.add_click(_cord_point_ras(image, cord, 0.5))
+    session.add_click(_cord_point_ras(image, cord, 0.4), positive=False)
+    corners = np.argwhere(cord)[[0, -1]][:, ::-1]
+    low, high = (image.TransformIndexToPhysicalPoint([int(v) for v in c]) for c in corners)
+    boxed = engine.new_session(image)
+    boxed.add_box(low, high, space="lps")
+    boxed.add_click(_cord_point_ras(image, cord, 0.5))
+    # Without accumulated clicks the second pass also has one click, but a mask prompt.
+    alone = engine.new_session(image, accumulate_clicks=False)
+    alone.add_click(_cord_point_ras(image, cord, 0.5))
+    alone.add_click(_cord_point_ras(image, cord, 0.45))
+    assert [c["multimask"] for c in calls] == [True, False, False, False, True, False]
+    first = calls[0]
+    args = (first["embedding"], torch.as_tensor(first["points"], dtype=torch.float32)[None],
+            torch.as_tensor(first["labels"])[None], first["prompt"])
+    with torch.no_grad():
+        masks, ious = model.decode(*args, multimask=True)
+        single, _ = model.decode(*args)
+    best = int(ious[0].argmax())
+    torch.testing.assert_close(first["logits"], masks[:, best:best + 1])
+    assert not torch.allclose(first["logits"], single, atol=1e-3)

@@ -12,17 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from FastSAM3DLib.checkpoint import read_checkpoint, save_model
 from FastSAM3DLib.cli import main
 from FastSAM3DLib.model import DecoderConfig, EncoderConfig, ModelConfig, Sam3D
 from FastSAM3DLib.model.config import DEFAULT_COMPACT
 from FastSAM3DLib.model.prompt_encoder import PositionEmbeddingRandom3D
-from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks
+from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks, upsampling_matrix
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
                                         RunConfig, learning_rate_factor, loader_batches, run)
-from FastSAM3DLib.training.losses import dice_bce_loss, batch_dice
-from FastSAM3DLib.training.train import DataConfig, InteractionConfig, TrainConfig, build_training
+from FastSAM3DLib.training.losses import dice_bce_loss, batch_dice, hard_iou
+from FastSAM3DLib.training.train import (DataConfig, InteractionConfig, TrainConfig, build_training, click_step_terms,
+                                         multimask_step_terms)
 
 TINY = ModelConfig(
     name="tiny",
@@ -278,3 +280,86 @@ def test_ddp_two_processes_end_identical_and_resume_on_one(tmp_path, train_data,
     result = _run_training(config)
     assert result["step"] == 3
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["samples_seen"] == 5
+
+
+# ----------------------------------------------------------------------------- multimask first clicks
+
+
+def test_multimask_step_learns_only_from_the_best_mask_and_feeds_back_the_most_confident():
+    """Per sample the loss is the lowest of the masks' losses (the gradient reaches
+    that mask alone), the IoU head is scored on every mask, and the mask fed back
+    is the one the IoU head rates highest, not the best by loss."""
+    n = 8
+    target = torch.zeros(2, 1, 32, 32, 32, dtype=torch.bool)
+    target[:, :, 8:24, 8:24, 8:24] = True
+    right = 20.0 * (2 * F.avg_pool3d(target.float(), 4) - 1)              # (2, 1, 8, 8, 8) low-res logits
+    wrong = -right
+    # Sample 0: mask 1 is right; sample 1: mask 2 is right. Mask 0 is right nowhere.
+    low_res = torch.cat([wrong, torch.cat([right[:1], wrong[1:]]), torch.cat([wrong[:1], right[1:]])], 1)
+    low_res.requires_grad_(True)
+    iou_pred = torch.tensor([[0.9, 0.1, 0.2], [0.1, 0.2, 0.3]])
+    upsampling = upsampling_matrix(n, 32)
+    loss, pred, fed_back = multimask_step_terms(low_res, iou_pred, upsampling, target, iou_loss_weight=0.0)
+    best = torch.stack([click_step_terms(low_res[b:b + 1, m:m + 1], iou_pred[b:b + 1, m:m + 1], upsampling,
+                                         target[b:b + 1], 0.0)[0] for b, m in ((0, 1), (1, 2))]).mean()
+    assert loss.item() == pytest.approx(best.item(), rel=1e-5)
+    loss.backward()
+    touched = low_res.grad.flatten(2).abs().sum(2) > 0
+    assert touched.tolist() == [[False, True, False], [False, False, True]]
+    # Fed back: sample 0's mask 0 (IoU 0.9, wrong), sample 1's mask 2 (0.3, right).
+    assert torch.equal(fed_back.detach(), torch.stack([low_res[0, 0:1], low_res[1, 2:3]]).detach())
+    assert pred.shape == target.shape
+    assert batch_dice(pred, target).tolist() == pytest.approx([0.0, 1.0], abs=0.05)
+    # The IoU head's error counts on all three masks.
+    with_iou, _, _ = multimask_step_terms(low_res, iou_pred, upsampling, target, iou_loss_weight=1.0)
+    upsampled = F.interpolate(low_res.detach(), size=(32,) * 3, mode="trilinear", align_corners=False) > 0
+    truth = torch.stack([hard_iou(upsampled[:, m:m + 1], target) for m in range(3)], 1)
+    assert truth[0, 1] > 0.9 and truth[1, 2] > 0.9 and truth[0, 0] < 0.1
+    assert (with_iou - loss).item() == pytest.approx(F.mse_loss(iou_pred, truth).item(), rel=1e-4)
+
+
+def test_multimask_outputs_start_as_the_single_mask_and_the_flag_survives_the_file(tmp_path, tiny_weights):
+    """Training a single-mask model with multimask first clicks: its three multimask
+    outputs begin equal to its single-mask output, and the exported file tells the
+    engine to use them."""
+    config = TrainConfig(run=RunConfig(out=tmp_path, batch_size=1, device="cpu"), interaction=FEW_CLICKS,
+                         init=(str(tiny_weights),), multimask_first_click=True)
+    task, _ = build_training(config, DistributedContext(0, 1, torch.device("cpu")))
+    model = task.module.model.eval()
+    assert model.config.multimask_first_click
+    torch.manual_seed(1)
+    embedding = torch.randn(1, TINY.prompt_embed_dim, 8, 8, 8)
+    points, labels = torch.tensor([[[60.0, 70.0, 64.0]]]), torch.tensor([[1]])
+    with torch.no_grad():
+        single, single_iou = model.decode(embedding, points, labels)
+        multi, multi_iou = model.decode(embedding, points, labels, multimask=True)
+    assert multi.shape[1] == 3
+    for m in range(3):
+        torch.testing.assert_close(multi[:, m:m + 1], single, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(multi_iou[:, m], single_iou[:, 0], rtol=1e-5, atol=1e-5)
+    # Untouched weights of the file would differ (random multimask outputs).
+    fresh = Sam3D(read_checkpoint(tiny_weights)[1])
+    fresh.load_state_dict(read_checkpoint(tiny_weights)[0])
+    with torch.no_grad():
+        untouched, _ = fresh.eval().decode(embedding, points, labels, multimask=True)
+    assert not torch.allclose(untouched[:, 1:2], single, atol=1e-3)
+    task.export(tmp_path / "model.safetensors")
+    assert read_checkpoint(tmp_path / "model.safetensors")[1].multimask_first_click
+
+
+def test_training_step_with_multimask_first_clicks_reaches_every_mask_output(tiny_weights):
+    config = TrainConfig(run=RunConfig(out="unused", batch_size=2, device="cpu"),
+                         interaction=InteractionConfig(min_steps=2, max_steps=2, interior_prob=0.0,
+                                                       box_probability=0.0),
+                         init=(str(tiny_weights),), multimask_first_click=True)
+    task, _ = build_training(config, DistributedContext(0, 1, torch.device("cpu")))
+    images, targets = OneSample()[0]
+    task.on_step(0)
+    loss, metrics = task.module(images[None].repeat(2, 1, 1, 1, 1), targets[None].repeat(2, 1, 1, 1, 1),
+                                torch.Generator().manual_seed(0))
+    loss.backward()
+    decoder = task.module.model.mask_decoder
+    # The single mask learns from the later click steps, the chosen multimask output from the first.
+    assert torch.isfinite(loss)
+    assert decoder.output_hypernetworks_mlps[0].layers[0].weight.grad.abs().sum() > 0
+    assert sum(decoder.output_hypernetworks_mlps[m].layers[0].weight.grad.abs().sum() for m in (1, 2, 3)) > 0
