@@ -444,6 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the three learnt, the IoU head picks one) and mark the model so that the engine "
                          "answers a lone first click with them; a model without them starts them as "
                          "copies of its single-mask output")
+    tr.add_argument("--freeze-encoder", action="store_true",
+                    help="keep the image encoder's weights (from --init) and train the prompt encoder and "
+                         "mask decoder only: no backward pass through the encoder")
     tr.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the per-voxel work of each click step (losses, click sampling) eagerly "
                          "on CUDA instead of compiling it with torch.compile")
@@ -610,7 +613,8 @@ def cmd_train(args) -> int:
                                                        compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
-                         encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click)
+                         encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click,
+                         freeze_encoder=args.freeze_encoder)
     if args.benchmark:
         print(json.dumps(benchmark(config, args.benchmark)))
         return 0

@@ -73,6 +73,7 @@ class TrainConfig:
     box_prompts: bool = False           # add box-corner embeddings to a model that lacks them
     encoder_width: int | None = None    # image-encoder width of a fresh model (heads = width / 64)
     multimask_first_click: bool = False  # train the multimask outputs on first clicks (see ModelConfig)
+    freeze_encoder: bool = False         # train the prompt encoder and mask decoder only
 
 
 def resolve_model_config(name: str | None, init: tuple[str, ...]) -> ModelConfig:
@@ -288,6 +289,8 @@ def build_training(config: TrainConfig, context: DistributedContext):
         print(f"initialised {', '.join(loaded)} from {', '.join(config.init)}", flush=True)
     if multimask_is_new and "mask_decoder" in loaded:
         copy_single_mask_output(model)
+    if config.freeze_encoder:
+        model.image_encoder.requires_grad_(False)
     decoder_lr_scale = config.decoder_lr_scale
     if decoder_lr_scale is None:
         decoder_lr_scale = 0.1 if "mask_decoder" in loaded else 1.0

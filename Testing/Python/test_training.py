@@ -363,3 +363,14 @@ def test_training_step_with_multimask_first_clicks_reaches_every_mask_output(tin
     assert torch.isfinite(loss)
     assert decoder.output_hypernetworks_mlps[0].layers[0].weight.grad.abs().sum() > 0
     assert sum(decoder.output_hypernetworks_mlps[m].layers[0].weight.grad.abs().sum() for m in (1, 2, 3)) > 0
+
+
+def test_a_frozen_encoder_keeps_its_weights_while_the_decoder_learns(tmp_path, tiny_weights):
+    config = _train_config(tmp_path, tiny_weights, steps=2)
+    config.freeze_encoder = True
+    result = _run_training(config, OneSample())
+    trained = result["task"].module.model.state_dict()
+    start, _ = read_checkpoint(tiny_weights)
+    encoder = [k for k in start if k.startswith("image_encoder.")]
+    assert encoder and all(torch.equal(trained[k].to(start[k].dtype), start[k]) for k in encoder)
+    assert any(not torch.equal(trained[k].to(v.dtype), v) for k, v in start.items() if k.startswith("mask_decoder."))
