@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--freeze-encoder", action="store_true",
                     help="keep the image encoder's weights (from --init) and train the prompt encoder and "
                          "mask decoder only: no backward pass through the encoder")
+    tr.add_argument("--multimask-only", action="store_true",
+                    help="with --multimask-first-click: train only the multimask outputs and the IoU head, "
+                         "so that every prompt but a lone first click keeps the mask the --init weights give")
     tr.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the per-voxel work of each click step (losses, click sampling) eagerly "
                          "on CUDA instead of compiling it with torch.compile")
@@ -614,7 +617,7 @@ def cmd_train(args) -> int:
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
                          encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click,
-                         freeze_encoder=args.freeze_encoder)
+                         freeze_encoder=args.freeze_encoder, multimask_only=args.multimask_only)
     if args.benchmark:
         print(json.dumps(benchmark(config, args.benchmark)))
         return 0

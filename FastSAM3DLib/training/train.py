@@ -74,6 +74,7 @@ class TrainConfig:
     encoder_width: int | None = None    # image-encoder width of a fresh model (heads = width / 64)
     multimask_first_click: bool = False  # train the multimask outputs on first clicks (see ModelConfig)
     freeze_encoder: bool = False         # train the prompt encoder and mask decoder only
+    multimask_only: bool = False         # train the multimask outputs and the IoU head only
 
 
 def resolve_model_config(name: str | None, init: tuple[str, ...]) -> ModelConfig:
@@ -111,14 +112,14 @@ def _is_box_embedding(key: str) -> bool:
 
 
 def copy_single_mask_output(model: Sam3D) -> None:
-    """Start the multimask outputs as copies of the trained single-mask output (its
-    token, hypernetwork and IoU-head row), for weights that only trained that one:
-    all three begin at the single mask's answer and the min-over-masks loss makes
-    them diverge. Untrained outputs would give the first click a random mask."""
+    """Start the multimask outputs from the trained single-mask output, for weights
+    that only trained that one: its hypernetwork and IoU-head row, copied. (Not its
+    token: the four tokens attend to each other, so changing the multimask ones
+    would change the single mask of every prompt.) Untrained outputs would give
+    the first click a random mask."""
     decoder = model.mask_decoder
     with torch.no_grad():
         for i in range(1, decoder.num_mask_tokens):
-            decoder.mask_tokens.weight[i] = decoder.mask_tokens.weight[0]
             decoder.output_hypernetworks_mlps[i].load_state_dict(decoder.output_hypernetworks_mlps[0].state_dict())
         last = decoder.iou_prediction_head.layers[-1]
         last.weight[1:] = last.weight[0]
@@ -197,6 +198,18 @@ def click_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: 
     pred = logits.detach() > 0
     iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
     return dice_bce_loss(logits, target) + iou_loss_weight * iou_loss, pred
+
+
+def train_multimask_outputs_only(model: Sam3D) -> None:
+    """Leave every weight that shapes the single mask as it is, so that every
+    prompt but a lone first click gets exactly the answer it got before: the
+    encoders, the decoder's transformer and upscaling, and all four mask tokens
+    (they attend to each other, so a multimask token that moved would move the
+    single mask too). The multimask hypernetworks and the IoU head learn."""
+    model.requires_grad_(False)
+    decoder = model.mask_decoder
+    decoder.output_hypernetworks_mlps[1:].requires_grad_(True)
+    decoder.iou_prediction_head.requires_grad_(True)
 
 
 def multimask_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: torch.Tensor,
@@ -291,6 +304,8 @@ def build_training(config: TrainConfig, context: DistributedContext):
         copy_single_mask_output(model)
     if config.freeze_encoder:
         model.image_encoder.requires_grad_(False)
+    if config.multimask_only:
+        train_multimask_outputs_only(model)
     decoder_lr_scale = config.decoder_lr_scale
     if decoder_lr_scale is None:
         decoder_lr_scale = 0.1 if "mask_decoder" in loaded else 1.0

@@ -318,31 +318,35 @@ def test_multimask_step_learns_only_from_the_best_mask_and_feeds_back_the_most_c
     assert (with_iou - loss).item() == pytest.approx(F.mse_loss(iou_pred, truth).item(), rel=1e-4)
 
 
-def test_multimask_outputs_start_as_the_single_mask_and_the_flag_survives_the_file(tmp_path, tiny_weights):
-    """Training a single-mask model with multimask first clicks: its three multimask
-    outputs begin equal to its single-mask output, and the exported file tells the
-    engine to use them."""
+def test_multimask_outputs_start_from_the_single_mask_output_and_the_flag_survives_the_file(tmp_path, tiny_weights):
+    """Training a single-mask model with multimask first clicks: its multimask
+    hypernetworks and IoU rows start as copies of the single mask's, its single
+    mask answers every prompt exactly as before, and the exported file tells the
+    engine to use the multimask outputs."""
     config = TrainConfig(run=RunConfig(out=tmp_path, batch_size=1, device="cpu"), interaction=FEW_CLICKS,
                          init=(str(tiny_weights),), multimask_first_click=True)
     task, _ = build_training(config, DistributedContext(0, 1, torch.device("cpu")))
     model = task.module.model.eval()
     assert model.config.multimask_first_click
+    fresh = Sam3D(read_checkpoint(tiny_weights)[1])
+    fresh.load_state_dict(read_checkpoint(tiny_weights)[0])
+    fresh.eval()
+    decoder = model.mask_decoder
+    for m in (1, 2, 3):
+        for a, b in zip(decoder.output_hypernetworks_mlps[m].parameters(),
+                        decoder.output_hypernetworks_mlps[0].parameters()):
+            assert torch.equal(a, b)
+    last = decoder.iou_prediction_head.layers[-1]
+    assert torch.equal(last.weight[3], last.weight[0]) and torch.equal(last.bias[1:], last.bias[:1].expand(3))
     torch.manual_seed(1)
     embedding = torch.randn(1, TINY.prompt_embed_dim, 8, 8, 8)
     points, labels = torch.tensor([[[60.0, 70.0, 64.0]]]), torch.tensor([[1]])
     with torch.no_grad():
-        single, single_iou = model.decode(embedding, points, labels)
-        multi, multi_iou = model.decode(embedding, points, labels, multimask=True)
-    assert multi.shape[1] == 3
-    for m in range(3):
-        torch.testing.assert_close(multi[:, m:m + 1], single, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(multi_iou[:, m], single_iou[:, 0], rtol=1e-5, atol=1e-5)
-    # Untouched weights of the file would differ (random multimask outputs).
-    fresh = Sam3D(read_checkpoint(tiny_weights)[1])
-    fresh.load_state_dict(read_checkpoint(tiny_weights)[0])
-    with torch.no_grad():
-        untouched, _ = fresh.eval().decode(embedding, points, labels, multimask=True)
-    assert not torch.allclose(untouched[:, 1:2], single, atol=1e-3)
+        torch.testing.assert_close(model.decode(embedding, points, labels)[0],
+                                   fresh.decode(embedding, points, labels)[0], rtol=0, atol=0)
+        multi, _ = model.decode(embedding, points, labels, multimask=True)
+        untouched, _ = fresh.decode(embedding, points, labels, multimask=True)
+    assert multi.shape[1] == 3 and not torch.allclose(multi, untouched, atol=1e-3)
     task.export(tmp_path / "model.safetensors")
     assert read_checkpoint(tmp_path / "model.safetensors")[1].multimask_first_click
 
@@ -374,3 +378,27 @@ def test_a_frozen_encoder_keeps_its_weights_while_the_decoder_learns(tmp_path, t
     encoder = [k for k in start if k.startswith("image_encoder.")]
     assert encoder and all(torch.equal(trained[k].to(start[k].dtype), start[k]) for k in encoder)
     assert any(not torch.equal(trained[k].to(v.dtype), v) for k, v in start.items() if k.startswith("mask_decoder."))
+
+
+def test_multimask_only_training_leaves_every_other_answer_unchanged(tmp_path, tiny_weights):
+    """--multimask-only: the single mask of any prompt is bit-identical after
+    training, the multimask outputs have learnt."""
+    config = _train_config(tmp_path, tiny_weights, steps=2, lr=5e-3)
+    config.multimask_first_click = config.multimask_only = True
+    config.interaction = InteractionConfig(min_steps=2, max_steps=2, interior_prob=0.0, box_probability=0.0)
+    model = _run_training(config, OneSample())["task"].module.model.eval()
+    start = Sam3D(read_checkpoint(tiny_weights)[1])
+    start.load_state_dict(read_checkpoint(tiny_weights)[0])
+    start.eval()
+    torch.manual_seed(2)
+    embedding = torch.randn(1, TINY.prompt_embed_dim, 8, 8, 8)
+    points, labels = torch.tensor([[[60.0, 70.0, 64.0], [50.0, 60.0, 70.0]]]), torch.tensor([[1, 0]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.decode(embedding, points, labels)[0],
+                                   start.decode(embedding, points, labels)[0], rtol=0, atol=0)
+        assert not torch.allclose(model.decode(embedding, points[:, :1], labels[:, :1], multimask=True)[0],
+                                  start.decode(embedding, points[:, :1], labels[:, :1], multimask=True)[0])
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, start.state_dict()[k])}
+    assert changed and all(k.startswith(("mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head."))
+                           for k in changed), changed
+    assert not any(k.startswith("mask_decoder.output_hypernetworks_mlps.0.") for k in changed)
