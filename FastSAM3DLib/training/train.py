@@ -284,6 +284,9 @@ def build_training(config: TrainConfig, context: DistributedContext):
     model_config = resolve_model_config(config.model_config, config.init)
     if config.box_prompts:
         model_config = dataclasses.replace(model_config, box_prompts=True)
+    if config.multimask_only and not (config.multimask_first_click or model_config.multimask_first_click):
+        raise TrainingError("--multimask-only trains the multimask outputs of first clicks: "
+                            "add --multimask-first-click (or --init a model trained with it)")
     multimask_is_new = config.multimask_first_click and not model_config.multimask_first_click
     if config.multimask_first_click:
         model_config = dataclasses.replace(model_config, multimask_first_click=True)

@@ -402,3 +402,11 @@ def test_multimask_only_training_leaves_every_other_answer_unchanged(tmp_path, t
     assert changed and all(k.startswith(("mask_decoder.output_hypernetworks_mlps.", "mask_decoder.iou_prediction_head."))
                            for k in changed), changed
     assert not any(k.startswith("mask_decoder.output_hypernetworks_mlps.0.") for k in changed)
+
+
+def test_multimask_only_without_multimask_first_clicks_is_refused(tmp_path, tiny_weights, capsys):
+    assert main(["train", "--init", str(tiny_weights), "--multimask-only", "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--multimask-first-click" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
