@@ -442,8 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--multimask-first-click", action="store_true",
                     help="train the decoder's three multimask outputs on first clicks (lowest loss of "
                          "the three learnt, the IoU head picks one) and mark the model so that the engine "
-                         "answers a lone first click with them; a model without them starts them as "
-                         "copies of its single-mask output")
+                         "answers a lone first click with them; a model without them starts them from "
+                         "its single-mask output (hypernetwork and IoU-head row copied)")
     tr.add_argument("--freeze-encoder", action="store_true",
                     help="keep the image encoder's weights (from --init) and train the prompt encoder and "
                          "mask decoder only: no backward pass through the encoder")

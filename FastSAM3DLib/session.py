@@ -579,7 +579,7 @@ class Engine:
             points = torch.as_tensor(points_voxel, dtype=torch.float32)[None]
             lab = torch.as_tensor(labels, dtype=torch.int64)[None]
             logits, iou = self._run(lambda: self.runner.decode(embedding, points, lab, mask_logits, multimask))
-            best = int(iou[0].argmax())
+            best = int(iou[0].argmax()) if multimask else 0
             return logits[:, best:best + 1], float(iou[0, best])
 
 

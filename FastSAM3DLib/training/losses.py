@@ -6,19 +6,19 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per sample, averaged over the batch; logits and target (B, 1, ...)."""
-    prob = torch.sigmoid(logits.float()).flatten(1)
-    target = target.float().flatten(1)
-    overlap = (prob * target).sum(1)
-    return (1 - (2 * overlap + eps) / (prob.sum(1) + target.sum(1) + eps)).mean()
+def dice_bce_per_sample(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """(1 - soft Dice) + binary cross-entropy of each sample, a (B,) tensor; logits
+    and target (B, ...). Dice keeps small targets from being ignored, BCE gives
+    every voxel a gradient even when the prediction is far off."""
+    logits, target = logits.float().flatten(1), target.float().flatten(1)
+    prob = torch.sigmoid(logits)
+    soft_dice = 1 - (2 * (prob * target).sum(1) + eps) / (prob.sum(1) + target.sum(1) + eps)
+    return soft_dice + F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
 
 
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice + binary cross-entropy: Dice keeps small targets from being ignored,
-    BCE gives every voxel a gradient even when the prediction is far off."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
-    return soft_dice_loss(logits, target) + bce
+    """``dice_bce_per_sample`` averaged over the batch."""
+    return dice_bce_per_sample(logits, target).mean()
 
 
 def batch_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from ..model.config import DEFAULT_COMPACT
 from .interaction import (box_corners, choose_click, make_click_plan, sample_clicks,
                           upsample_logits, upsampling_matrix)
 from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
-from .losses import dice_bce_loss, batch_dice, hard_iou
+from .losses import batch_dice, dice_bce_loss, dice_bce_per_sample, hard_iou
 from .pack import DataError, read_pack
 from .sampler import GpuCropSampler, SamplerConfig
 
@@ -222,15 +222,10 @@ def multimask_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampli
     mask with the highest IoU estimate. low_res (B, M, s, s, s), iou_pred (B, M)."""
     logits = upsample_logits(low_res.float(), upsampling)                # (B, M, N, N, N)
     batch, masks = logits.shape[:2]
-    flat = logits.flatten(2)
-    truth = target.flatten(1)[:, None].float().expand_as(flat)
-    prob = torch.sigmoid(flat)
-    soft_dice = 1 - (2 * (prob * truth).sum(2) + 1) / (prob.sum(2) + truth.sum(2) + 1)
-    bce = F.binary_cross_entropy_with_logits(flat, truth, reduction="none").mean(2)
-    per_mask = soft_dice + bce                                            # (B, M)
+    truth = target.expand_as(logits).flatten(0, 1)                       # each mask a sample of its own
+    per_mask = dice_bce_per_sample(logits.flatten(0, 1), truth).view(batch, masks)
     preds = logits.detach() > 0
-    ious = torch.stack([hard_iou(preds[:, m:m + 1], target) for m in range(masks)], 1)
-    iou_loss = F.mse_loss(iou_pred.float(), ious)
+    iou_loss = F.mse_loss(iou_pred.float(), hard_iou(preds.flatten(0, 1), truth).view(batch, masks))
     chosen = iou_pred.detach().argmax(1)
     pick = chosen.view(batch, 1, 1, 1, 1)
     pred = preds.gather(1, pick.expand(-1, 1, *preds.shape[2:]))
