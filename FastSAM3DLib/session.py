@@ -279,6 +279,15 @@ class RoiPolicy:
     def crop(self, centre_lps, spacing: float) -> RoiGeometry:
         return roi_for_point(centre_lps, size=self.size, spacing=spacing)
 
+    def first_crop(self, p_lps) -> RoiGeometry:
+        """A new object's crop for its first click: the crop of a fixed lattice
+        (centres a quarter crop apart in LPS) nearest to the click, so the same
+        click always gets the same crop whatever was clicked before (a result
+        that depends on history cannot be reproduced), objects near each other
+        share one embedding, and the click stays in the crop's central half."""
+        step = self.size * self.initial_spacing / 4
+        return self.crop(np.round(np.asarray(p_lps, dtype=float) / step) * step, self.initial_spacing)
+
     def suits(self, roi: RoiGeometry, box_lps) -> bool:
         """Whether ``roi`` can stay the object's crop: at the wanted spacing, or
         one step finer while the object still fits (no zooming back and forth)."""
@@ -293,7 +302,7 @@ class RoiPolicy:
         """The crops of the pass for ``click`` (the newest of ``clicks``); ``box``: the object's box."""
         p = np.asarray(click.point_lps)
         if not tiles:
-            return [self.crop(p, self.initial_spacing)] if click.positive else []
+            return [self.first_crop(p)] if click.positive else []
         box = _object_box(clicks, mask_box_lps, box)
         containing = list(dict.fromkeys(t.roi for t in tiles if t.roi.contains(p, self.margin)))
         staying = [roi for roi in containing if self.suits(roi, box)]
@@ -756,18 +765,6 @@ class InteractiveSession:
             ious.append(iou)
         return new, ious
 
-    def _first_crop(self, crops):
-        """A new object inside a crop another object already embedded shares it."""
-        if len(crops) != 1:
-            return crops
-        wanted = crops[0]
-        centre = np.array(wanted.center_lps)
-        for cached in self._calls.cached_rois(self.image):
-            if (cached.size == wanted.size and cached.spacing == wanted.spacing
-                    and cached.contains(centre, 2 * self.policy.margin)):
-                return [cached]
-        return crops
-
     def _add_prompts(self, new_clicks: tuple[PhysicalClick, ...], box: PhysicalBox | None,
                      started: float) -> MaskUpdate:
         """One step: ``new_clicks`` (of one sign) and, if given, a new box for the object."""
@@ -782,8 +779,6 @@ class InteractiveSession:
             crops = self.policy.plan_box(box)
         else:
             crops = self.policy.plan_points(new_clicks, clicks, tiles, mask_box, object_box)
-            if not tiles:
-                crops = self._first_crop(crops)
         next_pass = max((t.pass_index for t in tiles), default=-1) + 1
         patch, ran, ious, crops_run = base, [], [], []
         for zoom_pass in (False, True):            # the click's pass, then at most one zoom pass
@@ -944,8 +939,6 @@ class InteractiveSession:
                 step = self._step
                 crops = self.policy.plan(click, step.clicks + (click,), step.tiles,
                                          _mask_box_lps(self.image, self._patch), step.box)
-                if not step.tiles:
-                    crops = self._first_crop(crops)
                 return any([self._calls.embedding(self.image, roi)[1] for roi in crops])
             return self._with_cpu_fallback(embed)
 

@@ -312,3 +312,36 @@ def test_only_a_lone_first_click_takes_the_most_confident_multimask_output(spine
     best = int(ious[0].argmax())
     torch.testing.assert_close(first["logits"], masks[:, best:best + 1])
     assert not torch.allclose(first["logits"], single, atol=1e-3)
+
+
+def test_the_same_clicks_give_the_same_mask_whatever_was_segmented_before(shared_data):
+    """A new object's first crop depends on its click alone: objects segmented
+    before (whose crops fill the engine's cache) change nothing. Bundled model,
+    AAL regions next to each other, a centre click and one corrective click."""
+    from FastSAM3DLib.clicks import center_click
+    folder = shared_data / "mri_brain_aal_colin27"
+    image = sitk.ReadImage(str(folder / "ch2.nii.gz"))
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "aal.nii.gz")))
+    spacing = np.array(image.GetSpacing())[::-1]
+    engine = Engine("default", device="cpu")
+
+    def segment(value):
+        truth = labels == value
+        session = engine.new_session(image)
+        first = center_click(np.zeros_like(truth), truth, spacing)
+        session.add_click(first.index[::-1], positive=first.positive, space="ijk")
+        second = center_click(session.mask(), truth, spacing) or first
+        session.add_click(second.index[::-1], positive=second.positive, space="ijk")
+        return session.mask(), (first, second)
+
+    for value in (1, 2, 3, 4):
+        mask, clicks = segment(value)
+        again = engine.new_session(image)              # the same clicks, with this object's crops cached
+        for click in clicks:
+            again.add_click(click.index[::-1], positive=click.positive, space="ijk")
+        np.testing.assert_array_equal(again.mask(), mask)
+    fresh = Engine("default", device="cpu")             # and on an engine that segmented nothing before
+    alone = fresh.new_session(image)
+    for click in clicks:
+        alone.add_click(click.index[::-1], positive=click.positive, space="ijk")
+    np.testing.assert_array_equal(alone.mask(), mask)

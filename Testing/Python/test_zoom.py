@@ -76,7 +76,8 @@ def test_every_positive_click_stays_in_the_prompt_of_every_crop_that_holds_it(ro
     engine = _engine()
     session = engine.new_session(image)
     calls = engine.model.decoder_calls
-    clicks = [(40, True), (60, True), (290, True), (80, False), (270, True), (165, True)]
+    # The negative click lies beyond the reach of its ball (18 mm) plus one low-res cell from every positive one.
+    clicks = [(40, True), (60, True), (290, True), (90, False), (270, True), (165, True)]
     for k, positive in clicks:
         n = len(calls)
         result = session.add_click((19.5, 19.5, k), positive=positive, space="ijk")
