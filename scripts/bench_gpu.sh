@@ -31,7 +31,11 @@ with tarfile.open(sys.argv[2] + "/simpleitk.tar.xz", "w:xz", preset=9) as tar:
     tar.add(sys.argv[2] + "/lib", arcname=".")' "$work"/*.whl "$work"
     split -n 2 -d "$work/simpleitk.tar.xz" "$STAGE/simpleitk/tar.xz.part"
     rm -rf "$work"
-    cp "$DATA/train/MANIFEST.json" "$STAGE/data/train/"
+    # Only the validation cases' entries: the manifest's training cases are not staged, and
+    # a manifest entry without its image is an error.
+    "$PYTHON" -c 'import json, sys
+entries = [e for e in json.load(open(sys.argv[1])) if e["case"] in sys.argv[3].split(",")]
+json.dump(entries, open(sys.argv[2], "w"), indent=1)' "$DATA/train/MANIFEST.json" "$STAGE/data/train/MANIFEST.json" "$VALIDATION"
     for case in ${VALIDATION//,/ }; do cp -r "$DATA/$case" "$STAGE/data/"; done
     du -sh "$STAGE"/simpleitk/* "$STAGE"/data/*
     exit 0
