@@ -405,9 +405,12 @@ def parse_ceiling_settings(text: str) -> list[str]:
 def ceilings_for_target(image: sitk.Image, gt: np.ndarray, settings: list[str], size: int,
                         low_res_size: int, engine_spacing: float) -> list[Ceiling]:
     """The ceiling at each setting, with one crop placed where the engine puts
-    the first ROI: centred on the first click of the centre rule (the deepest
-    target voxel). "fit": the spacing of ``fit_spacing`` between
-    ``FIT_MIN_SPACING_MM`` and the engine's spacing."""
+    the first ROI for the first click of the centre rule (the deepest target
+    voxel): at a spacing in mm, the ROI policy's first crop at that spacing;
+    "fit": a crop centred on that click at the spacing of ``fit_spacing``
+    between ``FIT_MIN_SPACING_MM`` and the engine's spacing (the zoom's crop,
+    which the engine centres on the object)."""
+    from .session import RoiPolicy
     first = simulate_click("center", 0, np.zeros_like(gt), gt, np.random.default_rng(0),
                            np.array(image.GetSpacing())[::-1])
     k, j, i = first.index
@@ -415,9 +418,12 @@ def ceilings_for_target(image: sitk.Image, gt: np.ndarray, settings: list[str], 
     distance = SignedDistance(image, gt)
     results = []
     for setting in settings:
-        spacing = (fit_spacing(image, gt, centre, size, low_res_size, FIT_MIN_SPACING_MM, engine_spacing)
-                   if setting == "fit" else float(setting))
-        roi = roi_for_point(centre, size=size, spacing=spacing)
+        if setting == "fit":
+            spacing = fit_spacing(image, gt, centre, size, low_res_size, FIT_MIN_SPACING_MM, engine_spacing)
+            roi = roi_for_point(centre, size=size, spacing=spacing)
+        else:
+            spacing = float(setting)
+            roi = RoiPolicy(size, spacing).first_crop(centre)
         results.append(Ceiling(setting, spacing, resolution_ceiling(image, gt, roi, low_res_size, distance),
                                crop_coverage(image, gt, roi)))
     return results
