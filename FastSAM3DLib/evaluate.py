@@ -408,8 +408,8 @@ def ceilings_for_target(image: sitk.Image, gt: np.ndarray, settings: list[str], 
     the first ROI for the first click of the centre rule (the deepest target
     voxel): at a spacing in mm, the ROI policy's first crop at that spacing;
     "fit": a crop centred on that click at the spacing of ``fit_spacing``
-    between ``FIT_MIN_SPACING_MM`` and the engine's spacing (the zoom's crop,
-    which the engine centres on the object)."""
+    between ``FIT_MIN_SPACING_MM`` and the engine's spacing (standing for the
+    zoom's crop, which the engine centres on the object's box)."""
     from .session import RoiPolicy
     first = simulate_click("center", 0, np.zeros_like(gt), gt, np.random.default_rng(0),
                            np.array(image.GetSpacing())[::-1])
