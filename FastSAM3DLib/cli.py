@@ -450,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--multimask-only", action="store_true",
                     help="with --multimask-first-click: train only the multimask outputs and the IoU head, "
                          "so that every prompt but a lone first click keeps the mask the --init weights give")
+    tr.add_argument("--iou-loss-weight", type=float, default=1.0,
+                    help="weight of the IoU head's squared error beside each mask's Dice + BCE (default 1, "
+                         "as SAM); the head is what picks a first click's multimask output")
     tr.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the per-voxel work of each click step (losses, click sampling) eagerly "
                          "on CUDA instead of compiling it with torch.compile")
@@ -613,6 +616,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(run=_run_config(args), data=_data_config(args),
                          interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
                                                        box_probability=args.box_probability,
+                                                       iou_loss_weight=args.iou_loss_weight,
                                                        compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,

@@ -10,7 +10,8 @@
 #       the engine's click-to-mask with zoom on the validation cases: zoom_{auto,fixed}.{log,json}.
 # Needs torch (with CUDA), numpy and pytest; without SimpleITK (or scipy, safetensors, the cases)
 # the Engine click-to-mask, paste-back, real-case and zoom stages are skipped and bench.md says so.
-# About 4 minutes on one H200, plus about a minute per zoom setting (at most 9 minutes in all).
+# About 4 minutes on one H200, plus about a minute per zoom setting (at most 9 minutes in all);
+# ZOOM_SPACINGS= (empty) skips the zoom stage, ZOOM_SPACINGS=auto runs one setting.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
@@ -80,7 +81,7 @@ bench=${PIPESTATUS[0]}
 # prompt timed through the session (the summary's last line; per prompt in the JSON).
 zoom=0
 if [ "$have_cases" = 1 ]; then
-    for spacing in auto fixed; do
+    for spacing in ${ZOOM_SPACINGS-auto fixed}; do
         timeout 120 "$PYTHON" -m FastSAM3DLib.cli evaluate "$DATA/train/MANIFEST.json" --cases "$VALIDATION" \
             --model default --device cuda --spacing "$spacing" --baseline none --min-voxels 200 \
             --max-targets-per-case 12 --jobs 1 --json "$OUT/zoom_$spacing.json" > "$OUT/zoom_$spacing.log" 2>&1 || zoom=1

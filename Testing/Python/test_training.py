@@ -410,3 +410,11 @@ def test_multimask_only_without_multimask_first_clicks_is_refused(tmp_path, tiny
     err = capsys.readouterr().err
     assert "--multimask-first-click" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_gives_training_the_iou_loss_weight(tmp_path, monkeypatch):
+    """--iou-loss-weight reaches the click steps' loss (its effect on the loss: the multimask test above)."""
+    seen = []
+    monkeypatch.setattr("FastSAM3DLib.training.train.train", seen.append)
+    assert main(["train", "--out", str(tmp_path / "run"), "--iou-loss-weight", "7.5", "--no-progress"]) == 0
+    assert [c.interaction.iou_loss_weight for c in seen] == [7.5]
