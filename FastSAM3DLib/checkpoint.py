@@ -4,6 +4,10 @@ Official files are pickles. They are read with ``torch.load(weights_only=True)``
 plus an explicit allow-list of the few harmless classes the FastSAM3D training
 checkpoint stores (argparse.Namespace, collections.Counter); anything else is
 refused, so a malicious file can never run code.
+
+Our files may store their matrices as int8 with one scale per output channel
+(``save_model(int8=True)``, ``fastsam3d quantize``): half the size of fp16;
+``read_checkpoint`` returns them dequantized, so every reader sees float weights.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from .model.config import NAMED_CONFIGS, EncoderConfig, ModelConfig
 SAFE_PICKLE_GLOBALS = [argparse.Namespace, collections.Counter]
 PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 CONFIG_METADATA_KEY = "fastsam3d_config"
+QUANTIZATION_METADATA_KEY = "fastsam3d_quantization"
+INT8_PER_CHANNEL = "int8-per-output-channel"
+INT8_SCALE_SUFFIX = ".int8_scale"
+# Smaller tensors (norms, biases, the few rows of prompt embeddings) stay 16-bit: they
+# are under 1 % of the weights, and a per-channel scale would cost as much as they do.
+INT8_MIN_ELEMENTS = 4096
 
 
 class CheckpointError(ValueError):
@@ -70,6 +80,12 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{path.name}: not a readable safetensors file: "
                                   f"{str(exc).splitlines()[0][:160]}") from None
+        quantization = metadata.get(QUANTIZATION_METADATA_KEY)
+        if quantization == INT8_PER_CHANNEL:
+            state = _dequantize_int8(state, path.name)
+        elif quantization is not None:
+            raise CheckpointError(f"{path.name}: unknown weight quantization {quantization[:40]!r} "
+                                  f"(this version reads {INT8_PER_CHANNEL!r})")
         config = None
         if CONFIG_METADATA_KEY in metadata:
             config = ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
@@ -82,6 +98,43 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], M
         raise CheckpointError(f"{path.name}: no model weights found (expected a state dict, "
                               "or a dict with 'model_state_dict')")
     return data, None
+
+
+def quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight-only int8: each floating tensor of 2+ dimensions and at least
+    ``INT8_MIN_ELEMENTS`` elements as int8 with a symmetric float32 scale per
+    output channel (dim 0; the error of a weight is at most half its channel's
+    scale) under ``key + INT8_SCALE_SUFFIX``; other tensors unchanged."""
+    out = {}
+    for key, value in state.items():
+        if value.is_floating_point() and value.dim() >= 2 and value.numel() >= INT8_MIN_ELEMENTS:
+            rows = value.detach().float().reshape(value.shape[0], -1)
+            scale = rows.abs().amax(1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+            out[key] = torch.round(rows / scale[:, None]).clamp(-127, 127).to(torch.int8).reshape(value.shape)
+            out[key + INT8_SCALE_SUFFIX] = scale
+        else:
+            out[key] = value
+    return out
+
+
+def _dequantize_int8(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        if key.endswith(INT8_SCALE_SUFFIX):
+            if key.removesuffix(INT8_SCALE_SUFFIX) not in state:
+                raise CheckpointError(f"{source}: int8 scale {key} has no weight")
+            continue
+        scale = state.get(key + INT8_SCALE_SUFFIX)
+        if scale is None:
+            if value.dtype == torch.int8:
+                raise CheckpointError(f"{source}: int8 weight {key} has no scale")
+            out[key] = value
+            continue
+        if value.dtype != torch.int8 or scale.dim() != 1 or value.dim() < 1 or scale.shape[0] != value.shape[0]:
+            raise CheckpointError(f"{source}: {key} is not int8 with one scale per output channel "
+                                  f"({value.dtype}, {tuple(value.shape)}; scale {tuple(scale.shape)})")
+        out[key] = value.float() * scale.float().reshape(-1, *([1] * (value.dim() - 1)))
+    return out
 
 
 def _encoder_only_to_full(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -191,12 +244,19 @@ def load_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def save_model(model: torch.nn.Module, path: str | os.PathLike, dtype: torch.dtype | None = None,
-               metadata: dict[str, str] | None = None) -> None:
-    """Write the model as safetensors with its configuration, atomically."""
+               metadata: dict[str, str] | None = None, int8: bool = False) -> None:
+    """Write the model as safetensors with its configuration, atomically;
+    ``int8``: its matrices as int8 with per-channel scales (``quantize_int8``),
+    the other tensors in ``dtype``."""
     path = Path(path)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-             .detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if int8:
+        state = quantize_int8(state)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and not k.endswith(INT8_SCALE_SUFFIX)
+                 else v).contiguous() for k, v in state.items()}
     meta = {CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
     meta.update(metadata or {})
+    if int8:
+        meta[QUANTIZATION_METADATA_KEY] = INT8_PER_CHANNEL
     with atomic_output_path(path) as tmp:
         save_file(state, tmp, metadata=meta)

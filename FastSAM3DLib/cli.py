@@ -479,6 +479,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="volumes finer than this are resampled to it (default 0.9 mm)")
     pk.set_defaults(func=cmd_pack)
 
+    qu = sub.add_parser(
+        "quantize", help="store a model's weights as int8 (half the size of fp16)",
+        description="Write the model as safetensors with each weight matrix in int8 and one scale per "
+                    "output channel (weight-only: the model still computes in float). Every command reads "
+                    "the file as any other weights file. On the validation cases the bundled model's Dice "
+                    "stayed within 0.005 of fp16 (Resources/models/README.md).",
+        epilog="Example: fastsam3d quantize runs/a/model.safetensors runs/a/model-int8.safetensors")
+    qu.add_argument("weights", metavar="WEIGHTS",
+                    help="'default' (bundled) or a weights file (.safetensors, or an official .pth)")
+    qu.add_argument("out", metavar="OUT", help="the .safetensors file to write")
+    qu.set_defaults(func=cmd_quantize)
+
     di = sub.add_parser(
         "distill", help="distil a smaller encoder from a teacher (layer-wise progressive, resumable)",
         description="Layer-wise progressive distillation (FastSAM3D, section 2.2): student block i matches "
@@ -640,6 +652,24 @@ def cmd_pack(args) -> int:
                                                              f"{len(v.label_ids)} labels"))
     write_pack(args.out, volumes)
     _log(f"wrote {args.out}: {len(volumes)} volumes, {Path(args.out).stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    import torch
+
+    from .build import DEFAULT_WEIGHTS, build_model
+    from .checkpoint import CheckpointError, save_model
+
+    source = DEFAULT_WEIGHTS if args.weights == "default" else Path(args.weights)
+    if not source.is_file():
+        raise CheckpointError(f"weights file not found: {source} (quantize needs a trained model's file)")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out.name}: the int8 file must end in .safetensors")
+    model = build_model(str(source), device="cpu")
+    save_model(model, out, dtype=torch.float16, int8=True, metadata={"quantized_from": source.name})
+    _log(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB (from {source.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 

@@ -6,11 +6,16 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from FastSAM3DLib import CheckpointError, build_model
-from FastSAM3DLib.checkpoint import detect_config, read_checkpoint, save_model
+from FastSAM3DLib.build import DEFAULT_WEIGHTS
+from FastSAM3DLib.checkpoint import (INT8_MIN_ELEMENTS, INT8_SCALE_SUFFIX, QUANTIZATION_METADATA_KEY, detect_config,
+                                     read_checkpoint, save_model)
 from FastSAM3DLib.model import NAMED_CONFIGS, EncoderConfig, ModelConfig, Sam3D
 
 TINY = ModelConfig(name="tiny", encoder=EncoderConfig(
@@ -148,3 +153,90 @@ def test_safetensors_round_trip_keeps_config_and_outputs(tmp_path):
     assert loaded.config == TINY
     for a, b in zip(_outputs(model), _outputs(loaded)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_int8_file_is_half_the_size_and_each_weight_within_half_its_channel_step(tmp_path):
+    model = Sam3D(TINY).eval()
+    model.load_state_dict(_random_state(TINY))
+    half, int8 = tmp_path / "fp16.safetensors", tmp_path / "int8.safetensors"
+    save_model(model, half, dtype=torch.float16)
+    save_model(model, int8, dtype=torch.float16, int8=True)
+    assert int8.stat().st_size < 0.55 * half.stat().st_size
+    state, config = read_checkpoint(int8)
+    assert config == TINY and state.keys() == model.state_dict().keys()
+    quantized = 0
+    for key, weight in model.state_dict().items():
+        if weight.dim() >= 2 and weight.numel() >= INT8_MIN_ELEMENTS:
+            rows = weight.reshape(weight.shape[0], -1)
+            step = rows.abs().amax(1, keepdim=True) / 127
+            error = (state[key].reshape(rows.shape) - rows).abs()
+            assert bool((error <= step / 2 + 1e-7).all()), key
+            assert error.max() > 0                                         # really rounded
+            quantized += weight.numel()
+        else:
+            assert torch.equal(state[key], weight.half()), key
+    assert quantized > 0.9 * sum(w.numel() for w in model.state_dict().values())
+    embedding, logits = _outputs(model)
+    q_embedding, q_logits = _outputs(build_model(int8))
+    assert (q_embedding - embedding).norm() < 0.02 * embedding.norm()
+    assert (q_logits - logits).norm() < 0.02 * logits.norm()
+
+
+def test_bundled_model_in_int8_gives_the_same_mask_on_a_real_scan(tmp_path, shared_data, capsys):
+    """`fastsam3d quantize default` halves the file; one click in the CT's spleen
+    and one in Colin27's left putamen give the fp16 model's masks (Dice >= 0.98)."""
+    import SimpleITK as sitk
+    from FastSAM3DLib.cli import main
+    from FastSAM3DLib.clicks import center_click
+    from FastSAM3DLib.image import lps_to_ras
+    from FastSAM3DLib.session import Engine
+
+    out = tmp_path / "default-int8.safetensors"
+    assert main(["quantize", "default", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().err
+    assert out.stat().st_size < 0.55 * DEFAULT_WEIGHTS.stat().st_size
+    half, int8 = Engine("default", device="cpu"), Engine(str(out), device="cpu")
+    for folder, image_name, label_name, value in [
+            ("ct_abdomen_pelvis_totalseg_example", "example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", 1),
+            ("mri_brain_aal_colin27", "ch2.nii.gz", "aal.nii.gz", 73)]:
+        image = sitk.ReadImage(str(shared_data / folder / image_name))
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data / folder / label_name))) == value
+        k, j, i = center_click(np.zeros_like(truth), truth, np.array(image.GetSpacing())[::-1]).index
+        point = lps_to_ras(np.array(image.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))))
+        masks = []
+        for engine in (half, int8):
+            session = engine.new_session(image)
+            session.add_click(point)
+            masks.append(session.mask())
+        overlap = 2 * (masks[0] & masks[1]).sum() / (masks[0].sum() + masks[1].sum())
+        assert masks[0].sum() > 100 and overlap >= 0.98, (folder, overlap)
+
+
+def test_broken_int8_files_and_quantize_errors_give_one_line(tmp_path, capsys):
+    from safetensors.torch import save_file
+    from FastSAM3DLib.cli import main
+
+    model = Sam3D(TINY).eval()
+    path = tmp_path / "int8.safetensors"
+    save_model(model, path, int8=True)
+    state, metadata = load_file(path), safe_open(str(path), framework="pt").metadata()
+    key = "image_encoder.blocks.0.mlp.lin1.weight"
+    cases = {
+        "no scale": ({k: v for k, v in state.items() if k != key + INT8_SCALE_SUFFIX}, metadata,
+                     "has no scale"),
+        "wrong scale": ({**state, key + INT8_SCALE_SUFFIX: state[key + INT8_SCALE_SUFFIX][:3]}, metadata,
+                        "one scale per output channel"),
+        "unknown": (state, {**metadata, QUANTIZATION_METADATA_KEY: "int4"}, "unknown weight quantization"),
+    }
+    for name, (broken, meta, message) in cases.items():
+        bad = tmp_path / f"{name.replace(' ', '_')}.safetensors"
+        save_file(broken, bad, metadata=meta)
+        with pytest.raises(CheckpointError, match=message):
+            read_checkpoint(bad)
+    for args, message in [(["missing.pth", "out.safetensors"], "weights file not found"),
+                          (["sam-med3d", "out.safetensors"], "weights file not found"),
+                          ([str(path), "out.pth"], "must end in .safetensors")]:
+        out = tmp_path / args[1]
+        assert main(["quantize", args[0], str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0] and not out.exists()
