@@ -575,6 +575,9 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) ->
     parser.add_argument("--pack", action="append", default=[], metavar="PACK",
                         help="training-data pack (fastsam3d pack; repeatable): crops are cut on the GPU from "
                              "it, and --data / --synthetic-ratio are not used")
+    parser.add_argument("--oversample", action="append", default=[], type=_volume_weight, metavar="NAME=WEIGHT",
+                        help="with --pack: draw this volume WEIGHT times as often as the others of its kind "
+                             "(image volumes, label-only maps; repeatable)")
     parser.add_argument("--synthetic-ratio", type=float, default=0.5,
                         help="share of synthetic volumes among the samples (default 0.5)")
     parser.add_argument("--val-case", action="append", default=[], metavar="NAME",
@@ -616,10 +619,23 @@ def _run_config(args):
         workers=args.workers, progress=not args.no_progress, started=_STARTED)
 
 
+def _volume_weight(text: str) -> tuple[str, float]:
+    name, _, weight = text.rpartition("=")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = float("nan")
+    if not name or not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT with a positive WEIGHT, got {text!r}")
+    return name, value
+
+
 def _data_config(args):
+    from .training.sampler import SamplerConfig
     from .training.train import DataConfig
     return DataConfig(sources=tuple(args.data), synthetic_ratio=args.synthetic_ratio,
-                      val_cases=tuple(args.val_case), packs=tuple(args.pack))
+                      val_cases=tuple(args.val_case), packs=tuple(args.pack),
+                      sampler=SamplerConfig(volume_weights=tuple(args.oversample)))
 
 
 def cmd_train(args) -> int:

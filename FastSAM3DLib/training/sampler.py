@@ -16,7 +16,10 @@ plus the augmentations the engine never does:
   many small structures of atlases do not crowd out organs; or a procedural
   blob painted into the crop (``intensity.insert_shapes``);
 * images: the real scan with milder intensity changes, or a SynthSeg-style
-  image synthesised from the label crop (always for label-only maps).
+  image synthesised from the label crop (always for label-only maps);
+* volumes: uniform within the image volumes and within the label-only maps,
+  unless ``volume_weights`` weights some (e.g. the one brain with cortical
+  parcels, whose kind of target dominates the brain validation).
 
 Choices that need no voxel data (which volume, label, spacing, angles) are
 drawn on the host from a numpy generator; everything per voxel runs batched
@@ -57,6 +60,7 @@ class SamplerConfig:
     max_log_scale: float = 0.15              # per-axis scale in exp(±0.15)
     max_elastic_mm: float = 4.0
     centre_jitter_voxels: float = 12.0
+    volume_weights: tuple[tuple[str, float], ...] = ()   # (volume name, weight); the others weigh 1
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,15 @@ class GpuCropSampler:
         self.label_only = [n for n in usable if not volumes[n].has_image]
         if not usable:
             raise DataError(f"no label of the pack has {MIN_LABEL_VOXELS} voxels or more")
+        names = [v.name for v in volumes]
+        weights = dict(config.volume_weights)
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise DataError(f"volume weight for {', '.join(unknown)}: no such volume in the packs "
+                            f"(they hold e.g. {', '.join(names[:3])})")
+        if any(not (w > 0 and math.isfinite(w)) for w in weights.values()):
+            raise DataError("volume weights must be positive numbers")
+        self.volume_weights = np.array([weights.get(name, 1.0) for name in names])
         size = config.size
         axis = torch.arange(size, device=self.device, dtype=torch.float32) - (size - 1) / 2
         # Crop voxel offsets from the centre, in voxels, tensor-axis order: (size^3, 3).
@@ -158,7 +171,8 @@ class GpuCropSampler:
         pool = self.with_image
         if self.label_only and (not pool or rng.random() < self.config.label_only_share):
             pool = self.label_only
-        return int(pool[rng.integers(len(pool))])
+        weights = self.volume_weights[pool]
+        return int(pool[rng.choice(len(pool), p=weights / weights.sum())])
 
     def _choose_label(self, table: list[_Label], rng: np.random.Generator) -> _Label:
         classes = np.digitize([entry.volume_ml for entry in table], SIZE_CLASSES_ML)
@@ -178,7 +192,7 @@ class GpuCropSampler:
             return float(np.clip(fitted, low, high))
         return float(math.exp(rng.uniform(math.log(low), math.log(high))))
 
-    def _plan(self, rng: np.random.Generator) -> CropPlan:
+    def plan(self, rng: np.random.Generator) -> CropPlan:
         """Host-side choices of one sample."""
         c = self.config
         number = self._choose_volume(rng)
@@ -215,7 +229,7 @@ class GpuCropSampler:
     def sample(self, batch_size: int, rng: np.random.Generator, generator: torch.Generator
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images (B, 1, S, S, S) float32 z-normalised, targets (B, 1, S, S, S) bool)."""
-        plans = [self._plan(rng) for _ in range(batch_size)]
+        plans = [self.plan(rng) for _ in range(batch_size)]
         images, labels = self.cut(plans, generator)
         return self.finish(plans, images, labels, generator)
 

@@ -257,6 +257,8 @@ def build_batch_source(data: DataConfig, run_config: RunConfig, context: Distrib
                        img_size: int, spacing_mm: float) -> BatchSource:
     """Crops cut on the device from data packs, or the host loader's samples."""
     if not data.packs:
+        if data.sampler.volume_weights:
+            raise TrainingError("--oversample weights volumes of packs: it needs --pack")
         return loader_batches(*build_dataset(data, run_config.seed, img_size), run_config, context)
     volumes = [volume for pack in data.packs for volume in read_pack(pack)]
     kept = [volume for volume in volumes if volume.name not in set(data.val_cases)]

@@ -186,6 +186,33 @@ def test_targets_are_the_chosen_labels_and_batches_are_normalised(tmp_path, synt
     assert torch.isfinite(batch_images).all() and batch_targets.flatten(1).any(1).float().mean() >= 0.5
 
 
+def test_volume_weights_draw_a_volume_as_often_as_asked(tmp_path, synthetic_manifest):
+    """``volume_weights`` (``train --oversample NAME=W``): a volume of weight 5
+    among four image volumes is drawn 5/8 of the image samples, the label-only
+    maps keep their share; unknown names and bad weights are refused."""
+    import dataclasses
+    path = tmp_path / "p.pack"
+    write_pack(path, volumes_of_source(synthetic_manifest))
+    volume = read_pack(path)[0]
+    volumes = [dataclasses.replace(volume, name=f"case{n}") for n in range(4)]
+    volumes += [dataclasses.replace(volume, name=f"map{n}", image=None) for n in range(2)]
+
+    def shares(weights):
+        sampler = GpuCropSampler(volumes, "cpu", SamplerConfig(size=16, volume_weights=weights), seed=0)
+        rng = np.random.default_rng(0)
+        drawn = np.bincount([sampler.plan(rng).volume for _ in range(4000)], minlength=6) / 4000
+        return drawn[2] / drawn[:4].sum(), drawn[4:].sum()
+
+    case2, label_only = shares((("case2", 5.0),))
+    assert abs(case2 - 5 / 8) < 0.04 and abs(label_only - 0.35) < 0.04
+    case2, label_only = shares(())
+    assert abs(case2 - 1 / 4) < 0.04 and abs(label_only - 0.35) < 0.04
+    for weights, message in [((("nowhere", 2.0),), "nowhere: no such volume"),
+                             ((("case1", 0.0),), "positive")]:
+        with pytest.raises(DataError, match=message):
+            GpuCropSampler(volumes, "cpu", SamplerConfig(size=16, volume_weights=weights), seed=0)
+
+
 def test_normalisation_of_a_batch_equals_the_engines(rng=np.random.default_rng(0)):
     crops = rng.standard_normal((4, 10, 12, 14)).astype(np.float32) * 50 + 10
     crops[1] = -3                                   # no foreground: unchanged
@@ -290,3 +317,10 @@ def test_cli_pack_then_train_from_it_with_box_prompts(tmp_path, synthetic_manife
     assert main(common + ["--benchmark", "1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["train_samples_per_s"] > 0 and result["data_samples_per_s"] > 0
+    # --oversample reaches the sampler: a name the pack lacks is refused in one line.
+    assert main(common + ["--steps", "1", "--oversample", "nowhere=3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere: no such volume in the packs" in err[0]
+    with pytest.raises(SystemExit):
+        main(common + ["--steps", "1", "--oversample", "nowhere"])
+    assert "expected NAME=WEIGHT" in capsys.readouterr().err
