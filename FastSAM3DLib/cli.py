@@ -578,6 +578,9 @@ def _training_options(parser: argparse.ArgumentParser, steps: int, lr: float) ->
     parser.add_argument("--oversample", action="append", default=[], type=_volume_weight, metavar="NAME=WEIGHT",
                         help="with --pack: draw this volume WEIGHT times as often as the others of its kind "
                              "(image volumes, label-only maps; repeatable)")
+    parser.add_argument("--part-probability", type=float, default=0.0, metavar="P",
+                        help="with --pack: how often a label of 20 ml or more gives a random part of it as the "
+                             "target (a Voronoi cell: no edge in the image where it stops; default 0)")
     parser.add_argument("--synthetic-ratio", type=float, default=0.5,
                         help="share of synthetic volumes among the samples (default 0.5)")
     parser.add_argument("--val-case", action="append", default=[], metavar="NAME",
@@ -635,7 +638,8 @@ def _data_config(args):
     from .training.train import DataConfig
     return DataConfig(sources=tuple(args.data), synthetic_ratio=args.synthetic_ratio,
                       val_cases=tuple(args.val_case), packs=tuple(args.pack),
-                      sampler=SamplerConfig(volume_weights=tuple(args.oversample)))
+                      sampler=SamplerConfig(volume_weights=tuple(args.oversample),
+                                            part_probability=args.part_probability))
 
 
 def cmd_train(args) -> int:

@@ -13,8 +13,11 @@ plus the augmentations the engine never does:
   composed into the one sampling grid (one interpolation, no blur build-up);
 * targets: one label, or a label with some of the labels it touches (e.g.
   a whole tumour), chosen by size class (small / medium / large) so that the
-  many small structures of atlases do not crowd out organs; or a procedural
-  blob painted into the crop (``intensity.insert_shapes``);
+  many small structures of atlases do not crowd out organs; a part of a large
+  label cut by a random Voronoi cell, with no edge in the image where the part
+  ends (as atlas parcels of the cortex, lobes, segments: only the clicks tell
+  where it stops); or a procedural blob painted into the crop
+  (``intensity.insert_shapes``);
 * images: the real scan with milder intensity changes, or a SynthSeg-style
   image synthesised from the label crop (always for label-only maps);
 * volumes: uniform within the image volumes and within the label-only maps,
@@ -42,6 +45,9 @@ from .pack import DataError, PackedVolume
 VOXELS_KEPT_PER_LABEL = 512          # candidate crop centres per label
 SIZE_CLASSES_ML = (2.0, 50.0)        # small < 2 ml <= medium < 50 ml <= large
 MIN_LABEL_VOXELS = 10
+PART_MIN_ML = 20.0                   # labels this large may give a part as the target
+PART_RADIUS_MM = (12.0, 30.0)        # the part's Voronoi cell radius (cortical atlas parcels: 5-30 ml)
+PART_NEIGHBOURS = 16                 # Voronoi seeds around the part's own
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class SamplerConfig:
     synthetic_image_share: float = 0.25      # samples of image volumes shown with a synthesised image
     union_probability: float = 0.15
     shape_probability: float = 0.1
+    part_probability: float = 0.0            # of labels >= PART_MIN_ML: a Voronoi part of it as the target
     max_rotation_degrees: float = 20.0
     max_log_scale: float = 0.15              # per-axis scale in exp(±0.15)
     max_elastic_mm: float = 4.0
@@ -74,6 +81,8 @@ class CropPlan:
     synthetic: bool = False        # synthesise the image from the label crop
     ct_like: bool = False          # intensities of CT (Hounsfield-like), else MR-like
     shape: bool = False            # replace the target by a painted procedural blob
+    part_seeds: np.ndarray | None = None   # (k, 3) crop voxels from the centre: the target is the
+                                           # label within the Voronoi cell of the first seed
 
 
 @dataclass
@@ -160,6 +169,8 @@ class GpuCropSampler:
         if any(not (w > 0 and math.isfinite(w)) for w in weights.values()):
             raise DataError("volume weights must be positive numbers")
         self.volume_weights = np.array([weights.get(name, 1.0) for name in names])
+        if not 0 <= config.part_probability <= 1:
+            raise DataError(f"part probability must lie in [0, 1], got {config.part_probability}")
         size = config.size
         axis = torch.arange(size, device=self.device, dtype=torch.float32) - (size - 1) / 2
         # Crop voxel offsets from the centre, in voxels, tensor-axis order: (size^3, 3).
@@ -209,9 +220,14 @@ class GpuCropSampler:
                     box_max = np.maximum(box_max, by_label[other].box_max)
         spacing_vol = np.array(volume.spacing)
         extent_mm = float(((box_max - box_min + 1) * spacing_vol).max())
+        part_radius_mm = 0.0
+        if len(group) == 1 and entry.volume_ml >= PART_MIN_ML and rng.random() < c.part_probability:
+            part_radius_mm = float(rng.uniform(*PART_RADIUS_MM))
+            extent_mm = min(extent_mm, 2 * part_radius_mm)
         crop_spacing = self._spacing(extent_mm, rng)
-        if rng.random() < 0.5:
-            centre = entry.positions[rng.integers(len(entry.positions))].astype(float)
+        on_label = entry.positions[rng.integers(len(entry.positions))].astype(float)
+        if part_radius_mm or rng.random() < 0.5:
+            centre = on_label
         else:
             centre = (box_min + box_max) / 2 + rng.uniform(-0.15, 0.15, 3) * (box_max - box_min)
         centre_mm = centre * spacing_vol + rng.uniform(-1, 1, 3) * c.centre_jitter_voxels * crop_spacing
@@ -219,10 +235,19 @@ class GpuCropSampler:
         scales = np.exp(rng.uniform(-c.max_log_scale, c.max_log_scale, 3))
         flips = np.where(rng.random(3) < 0.5, -1.0, 1.0)
         matrix = _rotation(angles) @ np.diag(scales * flips) * crop_spacing
+        part_seeds = None
+        if part_radius_mm:
+            # The part's seed on the label voxel, its neighbours about two radii away in
+            # random directions, so the seed's Voronoi cell reaches ~one radius around it.
+            own = np.linalg.solve(matrix, on_label * spacing_vol - centre_mm)
+            directions = rng.normal(size=(PART_NEIGHBOURS, 3))
+            directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+            distance = 2 * part_radius_mm / crop_spacing * rng.uniform(0.8, 1.25, (PART_NEIGHBOURS, 1))
+            part_seeds = np.vstack([own, own + directions * distance])
         synthetic = (not volume.has_image) or rng.random() < c.synthetic_image_share
         return CropPlan(number, tuple(sorted(group)), matrix, centre_mm, rng.uniform(0, c.max_elastic_mm),
                         synthetic, self.ct_like[number] if not synthetic else bool(rng.random() < 0.3),
-                        bool(rng.random() < c.shape_probability))
+                        bool(rng.random() < c.shape_probability), part_seeds)
 
     # -- the batch ---------------------------------------------------------------------
 
@@ -272,6 +297,9 @@ class GpuCropSampler:
         for b, plan in enumerate(plans):
             lookup[b, list(plan.group)] = True
         targets = lookup.to(device).gather(1, labels.flatten(1).long()).reshape(labels.shape)
+        for b, plan in enumerate(plans):
+            if plan.part_seeds is not None:
+                targets[b] &= self._voronoi_cell(plan.part_seeds).reshape(targets.shape[1:])
         ct_like = torch.tensor([p.ct_like for p in plans], device=device)
         # The split is known on the host: each pipeline runs on its own samples only.
         synthetic = torch.tensor([b for b, p in enumerate(plans) if p.synthetic], dtype=torch.long, device=device)
@@ -286,6 +314,14 @@ class GpuCropSampler:
         shapes = torch.tensor([p.shape for p in plans], device=device)
         images, targets = insert_shapes(images, targets, shapes, generator)
         return normalize_intensity_batch(images), targets
+
+    def _voronoi_cell(self, seeds: np.ndarray) -> torch.Tensor:
+        """(S^3,) crop voxels nearer to ``seeds[0]`` than to any other seed:
+        the intersection of the half-spaces x.(s_k - s_0) <= (|s_k|^2 - |s_0|^2) / 2."""
+        seeds = torch.tensor(seeds, dtype=torch.float32, device=self.device)
+        normals = seeds[1:] - seeds[0]
+        limits = ((seeds[1:] ** 2).sum(1) - (seeds[0] ** 2).sum()) / 2
+        return (self.offsets @ normals.T <= limits).all(1)
 
 
 def _rotation(angles: np.ndarray) -> np.ndarray:

@@ -259,6 +259,8 @@ def build_batch_source(data: DataConfig, run_config: RunConfig, context: Distrib
     if not data.packs:
         if data.sampler.volume_weights:
             raise TrainingError("--oversample weights volumes of packs: it needs --pack")
+        if data.sampler.part_probability:
+            raise TrainingError("--part-probability cuts labels of packs: it needs --pack")
         return loader_batches(*build_dataset(data, run_config.seed, img_size), run_config, context)
     volumes = [volume for pack in data.packs for volume in read_pack(pack)]
     kept = [volume for volume in volumes if volume.name not in set(data.val_cases)]

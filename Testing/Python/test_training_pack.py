@@ -213,6 +213,41 @@ def test_volume_weights_draw_a_volume_as_often_as_asked(tmp_path, synthetic_mani
             GpuCropSampler(volumes, "cpu", SamplerConfig(size=16, volume_weights=weights), seed=0)
 
 
+def test_part_targets_are_voronoi_cells_of_a_large_label(shared_data):
+    """``part_probability`` (``train --part-probability``): a label of 20 ml or
+    more (a SynthSeg map's cerebral cortex) gives a part of itself as the
+    target: the label's voxels of the crop nearer to the part's seed than to
+    its neighbours, a fraction of the label; its image (synthesised from the
+    labels) is the whole label's, so nothing in it shows where the part ends."""
+    from FastSAM3DLib.training.pack import pack_volume
+    folder = shared_data / "label_maps" / "brain_whole_head_synthseg"
+    volume = pack_volume("seg01", next(folder.glob("*seg_01*")))
+    cortex = volume.label_ids.index(3) + 1          # FreeSurfer 3: left cerebral cortex
+    sampler = GpuCropSampler([volume], "cpu", SamplerConfig(size=48, part_probability=1.0,
+                                                            shape_probability=0.0), seed=0)
+    rng, generator = np.random.default_rng(2), torch.Generator().manual_seed(2)
+    plans = []
+    while len(plans) < 4:
+        plan = sampler.plan(rng)
+        if plan.group == (cortex,):
+            plans.append(plan)
+    assert all(plan.part_seeds is not None and plan.part_seeds.shape == (17, 3) for plan in plans)
+    images, labels = sampler.cut(plans, generator)
+    _, targets = sampler.finish(plans, images, labels, generator)
+    offsets = sampler.offsets.numpy()
+    fractions = []
+    for plan, label, target in zip(plans, labels, targets):
+        whole = (label[0] == cortex).flatten().numpy()
+        nearest = np.argmin(((offsets[:, None] - plan.part_seeds[None]) ** 2).sum(-1), 1)
+        assert np.array_equal(target.flatten().numpy(), whole & (nearest == 0))
+        fractions.append(target.sum().item() / whole.sum())
+    assert 0 < min(fractions) and max(fractions) < 0.9
+    # Off by default; out-of-range probabilities are refused.
+    assert SamplerConfig().part_probability == 0
+    with pytest.raises(DataError, match="part probability"):
+        GpuCropSampler([volume], "cpu", SamplerConfig(size=16, part_probability=1.5), seed=0)
+
+
 def test_normalisation_of_a_batch_equals_the_engines(rng=np.random.default_rng(0)):
     crops = rng.standard_normal((4, 10, 12, 14)).astype(np.float32) * 50 + 10
     crops[1] = -3                                   # no foreground: unchanged
