@@ -297,9 +297,13 @@ class GpuCropSampler:
         for b, plan in enumerate(plans):
             lookup[b, list(plan.group)] = True
         targets = lookup.to(device).gather(1, labels.flatten(1).long()).reshape(labels.shape)
-        for b, plan in enumerate(plans):
-            if plan.part_seeds is not None:
-                targets[b] &= self._voronoi_cell(plan.part_seeds).reshape(targets.shape[1:])
+        parts = [b for b, p in enumerate(plans) if p.part_seeds is not None]
+        if parts:
+            # One host-to-device copy for the batch's seeds; the cells one sample at a time
+            # (a (S^3, k) comparison each: batched, they would hold P times that in memory).
+            seeds = torch.tensor(np.stack([plans[b].part_seeds for b in parts]), dtype=torch.float32).to(device)
+            for b, part_seeds in zip(parts, seeds):
+                targets[b] &= self._voronoi_cell(part_seeds).reshape(targets.shape[1:])
         ct_like = torch.tensor([p.ct_like for p in plans], device=device)
         # The split is known on the host: each pipeline runs on its own samples only.
         synthetic = torch.tensor([b for b, p in enumerate(plans) if p.synthetic], dtype=torch.long, device=device)
@@ -315,10 +319,10 @@ class GpuCropSampler:
         images, targets = insert_shapes(images, targets, shapes, generator)
         return normalize_intensity_batch(images), targets
 
-    def _voronoi_cell(self, seeds: np.ndarray) -> torch.Tensor:
-        """(S^3,) crop voxels nearer to ``seeds[0]`` than to any other seed:
-        the intersection of the half-spaces x.(s_k - s_0) <= (|s_k|^2 - |s_0|^2) / 2."""
-        seeds = torch.tensor(seeds, dtype=torch.float32, device=self.device)
+    def _voronoi_cell(self, seeds: torch.Tensor) -> torch.Tensor:
+        """(S^3,) crop voxels nearer to ``seeds[0]`` than to any other of the
+        (k, 3) ``seeds``: the intersection of the half-spaces
+        x.(s_k - s_0) <= (|s_k|^2 - |s_0|^2) / 2."""
         normals = seeds[1:] - seeds[0]
         limits = ((seeds[1:] ** 2).sum(1) - (seeds[0] ** 2).sum()) / 2
         return (self.offsets @ normals.T <= limits).all(1)
