@@ -431,6 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "when --init supplies a decoder, as FastSAM3D fine-tunes, else 1)")
     tr.add_argument("--min-clicks", type=int, default=6, help="fewest click steps per sample (default 6)")
     tr.add_argument("--max-clicks", type=int, default=11, help="most click steps per sample (default 11)")
+    tr.add_argument("--click-depth", type=_positive_int, default=1, metavar="N",
+                    help="half of the clicks come from the error's core: its deepest non-empty level of "
+                         "up to N erosions by 2 voxels (default 1; more puts them nearer the centre of the "
+                         "thickest error, as users and the evaluation's centre rule click)")
     tr.add_argument("--encoder-width", type=int, metavar="N",
                     help="image-encoder width of a fresh model (a multiple of 64; heads = N / 64), to "
                          "compare model sizes; default: the configuration's own")
@@ -622,6 +626,16 @@ def _run_config(args):
         workers=args.workers, progress=not args.no_progress, started=_STARTED)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _volume_weight(text: str) -> tuple[str, float]:
     # Only the syntax here: the sampler refuses unknown names and weights that are not positive.
     name, _, weight = text.rpartition("=")
@@ -649,7 +663,7 @@ def cmd_train(args) -> int:
                          interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
                                                        box_probability=args.box_probability,
                                                        iou_loss_weight=args.iou_loss_weight,
-                                                       compile=args.compile),
+                                                       click_depth=args.click_depth, compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
                          encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click,

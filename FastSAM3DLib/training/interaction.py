@@ -69,11 +69,13 @@ def _any_per_sample(mask: torch.Tensor) -> torch.Tensor:
 
 
 def choose_click(pred: torch.Tensor, target: torch.Tensor, use_interior: torch.Tensor,
-                 scores: torch.Tensor, interior_radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                 scores: torch.Tensor, interior_radius: int = 2, depth: int = 1
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The deterministic part of ``sample_clicks`` given its random numbers:
     ``use_interior`` (B,) bool and ``scores`` uniform, shaped like ``pred``;
-    ``interior_radius`` 0 never looks at the eroded core. A pure function of
-    tensors, so that it can be compiled."""
+    ``interior_radius`` 0 never looks at the eroded core. The core is the
+    deepest non-empty of ``depth`` successive erosions of fn and fp (each by
+    ``interior_radius``). A pure function of tensors, so that it can be compiled."""
     target = target.bool()
     pred = pred.bool()
     fn, fp = target & ~pred, ~target & pred
@@ -81,7 +83,12 @@ def choose_click(pred: torch.Tensor, target: torch.Tensor, use_interior: torch.T
     region = torch.where(_any_per_sample(region), region, target)
     region = torch.where(_any_per_sample(region), region, torch.ones_like(region))
     if interior_radius > 0:
-        core = (erode(fn, interior_radius) | erode(fp, interior_radius)) & region
+        core = torch.zeros_like(region)
+        fn_core, fp_core = fn, fp
+        for _ in range(depth):
+            fn_core, fp_core = erode(fn_core, interior_radius), erode(fp_core, interior_radius)
+            level = (fn_core | fp_core) & region
+            core = torch.where(_any_per_sample(level), level, core)
         use_core = use_interior.view(-1, *([1] * (pred.dim() - 1))) & _any_per_sample(core)
         region = torch.where(use_core, core, region)
     flat_index = torch.where(region, scores, -1.0).flatten(1).argmax(1)
@@ -93,16 +100,19 @@ def choose_click(pred: torch.Tensor, target: torch.Tensor, use_interior: torch.T
 
 
 def sample_clicks(pred: torch.Tensor, target: torch.Tensor, generator: torch.Generator,
-                  interior_prob: float = 0.5, interior_radius: int = 2, choose=choose_click
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  interior_prob: float = 0.5, interior_radius: int = 2, choose=choose_click,
+                  depth: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One corrective click per sample.
 
     pred, target: (B, 1, D, H, W) bool. Returns coordinates (B, 3) int64 in
     tensor-axis order and labels (B,) int64 (1 = positive, 0 = negative).
     The click is a uniform voxel of fn ∪ fp; with probability ``interior_prob``
     of the eroded fn ∪ fp (fn and fp eroded separately) when that is not
-    empty. A sample without error gets a positive click in its target, and an
-    empty target a negative click anywhere, so every sample always has a click.
+    empty; ``depth`` > 1 erodes up to that many times and draws from the
+    deepest level left, near the centre of the thickest error, where the
+    evaluation's centre rule and users click. A sample without error gets a
+    positive click in its target, and an empty target a negative click
+    anywhere, so every sample always has a click.
     Branch-free over the batch (no host synchronisation). ``choose``:
     ``choose_click`` or a compiled copy of it (the random numbers are drawn
     here, eagerly, from ``generator``).
@@ -110,7 +120,7 @@ def sample_clicks(pred: torch.Tensor, target: torch.Tensor, generator: torch.Gen
     batch = pred.shape[0]
     use_interior = torch.rand(batch, generator=generator, device=generator.device).to(pred.device) < interior_prob
     scores = torch.rand(pred.shape, generator=generator, device=generator.device).to(pred.device)
-    return choose(pred, target, use_interior, scores, interior_radius if interior_prob > 0 else 0)
+    return choose(pred, target, use_interior, scores, interior_radius if interior_prob > 0 else 0, depth)
 
 
 def box_corners(target: torch.Tensor, generator: torch.Generator, jitter: float = 0.1) -> torch.Tensor:

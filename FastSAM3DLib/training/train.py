@@ -41,6 +41,7 @@ class InteractionConfig:
     min_steps: int = 6                  # click steps per sample and iteration
     max_steps: int = 11
     interior_prob: float = 0.5          # share of clicks drawn from the eroded error core
+    click_depth: int = 1                # erosions a core click may go down (the deepest level left)
     iou_loss_weight: float = 1.0
     # torch.compile the per-voxel work of each click step (upsampling, losses,
     # click sampling: elementwise passes over B x 128^3 that dominate the step
@@ -171,7 +172,7 @@ class InteractiveTraining(nn.Module):
         for i in range(plan.steps):
             if plan.adds_click(i) and not (i == 0 and plan.box_first):
                 coords, click_labels = sample_clicks(pred, target, generator, self.interaction.interior_prob,
-                                                     choose=self.choose_click)
+                                                     choose=self.choose_click, depth=self.interaction.click_depth)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
             # The engine's rule: a first prompt of one click (always positive here) is multimask.

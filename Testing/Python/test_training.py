@@ -109,6 +109,21 @@ def test_clicks_land_in_the_error_with_the_right_label():
     assert ((coords >= 10) & (coords <= 17)).all()
 
 
+def test_deep_clicks_come_from_the_deepest_erosion_level_left():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.zeros(2, 1, 32, 32, 32, dtype=torch.bool)
+    target[0, :, 4:28, 4:28, 4:28] = True                 # 24 voxels thick: 4 erosions by 2 leave 16 wide
+    target[1, :, 8:20, 8:20, 8:20] = True                 # 12 thick: the third erosion empties it
+    target[1, :, 22:24, 2:30, 2:30] = True                # and a thin slab beside it, never in a core
+    empty = torch.zeros_like(target)
+    for _ in range(5):
+        coords, labels = sample_clicks(empty, target, generator, interior_prob=1.0, depth=4)
+        assert ((coords[0] >= 12) & (coords[0] <= 19)).all() and labels.tolist() == [1, 1]
+        assert ((coords[1] >= 12) & (coords[1] <= 15)).all()
+    shallow = torch.stack([sample_clicks(empty, target, generator, interior_prob=1.0)[0][0] for _ in range(40)])
+    assert shallow.min() < 10 and shallow.max() > 21     # depth 1 (the default): the whole 2-voxel core
+
+
 def test_erosion_is_a_cube_min_filter():
     mask = torch.rand(1, 1, 20, 20, 20, generator=torch.Generator().manual_seed(1)) > 0.2
     reference = -torch.nn.functional.max_pool3d(-mask.float(), 5, stride=1, padding=2) > 0.5
@@ -200,8 +215,8 @@ def test_cli_train_end_to_end_on_real_and_synthetic_samples(tmp_path, train_data
     out = tmp_path / "run"
     code = main(["train", "--data", str(train_data), "--synthetic-ratio", "0.5", "--init", str(tiny_weights),
                  "--val-case", "mri_spine_cord_sct_t2", "--out", str(out), "--steps", "2", "--batch-size", "2",
-                 "--workers", "1", "--min-clicks", "2", "--max-clicks", "3", "--log-every", "1",
-                 "--device", "cpu", "--no-progress"])
+                 "--workers", "1", "--min-clicks", "2", "--max-clicks", "3", "--click-depth", "3",
+                 "--log-every", "1", "--device", "cpu", "--no-progress"])
     assert code == 0
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2]
