@@ -302,6 +302,9 @@ def cmd_evaluate(args) -> int:
     print(ev.format_table(summary, per_target=args.per_target))
     if ceiling:
         print(ev.TABLE_NOTES)
+    response = ev.format_click_response(summary)
+    if response:
+        print(response)
     latency_line = ev.format_latency(summary)
     if latency_line:
         from .build import resolve_device

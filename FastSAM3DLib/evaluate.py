@@ -46,6 +46,7 @@ METHODS = ("model", "sphere")
 QUALITY_GROUPS = ("manual", "model", "unknown")
 POSITIVE_RADIUS_MM = 12.0
 NEGATIVE_RADIUS_MM = 6.0
+LOWERED_BY = 0.005                  # a click that lowers the Dice by more than this undid earlier work
 FIT_MIN_SPACING_MM = 0.5            # finest crop spacing the "fit" ceiling may choose
 FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
 
@@ -565,11 +566,34 @@ def _mean_over_seeds(results: list[TargetResult], method: str, k: int) -> tuple[
     return float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0
 
 
+def click_response(results: list[TargetResult], method: str) -> dict:
+    """How ``method`` answers corrective clicks (every click after the first
+    prompt): the mean Dice change after a positive and after a negative click,
+    and the share of clicks that lowered the Dice by more than ``LOWERED_BY``."""
+    gains = {True: [], False: []}
+    for t in results:
+        for run in t.runs_of(method):
+            # Dice i answers prompt i; a box first shifts the clicks by one. A run stops
+            # clicking only once nothing is left to correct, so its clicks come first.
+            offset = 1 if run.box_lps is not None else 0
+            for n, (_, positive) in enumerate(run.clicks):
+                d = n + offset
+                if d > 0 and math.isfinite(run.dice[d]) and math.isfinite(run.dice[d - 1]):
+                    gains[positive].append(run.dice[d] - run.dice[d - 1])
+    every = gains[True] + gains[False]
+    return {"positive": {"clicks": len(gains[True]), "mean_gain": float(np.mean(gains[True])) if gains[True]
+                         else math.nan},
+            "negative": {"clicks": len(gains[False]), "mean_gain": float(np.mean(gains[False])) if gains[False]
+                         else math.nan},
+            "lowered_share": float(np.mean([g < -LOWERED_BY for g in every])) if every else math.nan}
+
+
 def _group(name: str, results: list[TargetResult], ks: list[int]) -> dict:
     methods = [m for m in METHODS if any(t.runs_of(m) for t in results)]
     group = {"group": name, "targets": len(results),
              **{m: {f"dice@{k}": dict(zip(("mean", "spread"), _mean_over_seeds(results, m, k))) for k in ks}
-                for m in methods}}
+                for m in methods},
+             "click_response": {m: click_response(results, m) for m in methods}}
     settings = [c.setting for c in results[0].ceilings] if results else []
     if settings:
         group["ceiling"] = {s: {"dice": float(np.mean([t.ceilings[n].dice for t in results])),
@@ -637,6 +661,23 @@ def format_latency(summary: dict) -> str:
         cell("first_prompt", "first prompt"), cell("decoder_only", "decoder-only click"),
         cell("with_encoder", "click that embeds a crop")])
         + f"; encoder runs per object {value['encoder_runs_per_object']:.2f}")
+
+
+def format_click_response(summary: dict) -> str:
+    """One line per label-quality group: each method's answer to corrective clicks."""
+    lines = []
+    for g in summary["groups"]:
+        if g["level"] != 0 or "click_response" not in g:
+            continue
+        parts = []
+        for method, value in g["click_response"].items():
+            if value["positive"]["clicks"] + value["negative"]["clicks"]:
+                parts.append(f"{method} {value['positive']['mean_gain']:+.3f} per positive / "
+                             f"{value['negative']['mean_gain']:+.3f} per negative click, "
+                             f"{100 * value['lowered_share']:.1f} % of clicks lower the Dice")
+        if parts:
+            lines.append(f"click response, {g['group']}: " + "; ".join(parts))
+    return "\n".join(lines)
 
 
 def _cell(value: dict) -> str:

@@ -188,6 +188,28 @@ def test_latency_splits_later_prompts_by_whether_they_embedded_a_crop():
     assert ev.format_latency(ev.summarise([_result("a", 1, "manual", [0.2], [0.1])], 1)) == ""
 
 
+def test_click_response_pairs_each_click_with_the_dice_change_it_made():
+    clicked = ev.Run("model", 0, [0.2, 0.5, 0.4, 0.6], [((1, 1, 1), True), ((2, 2, 2), True),
+                                                         ((3, 3, 3), False), ((4, 4, 4), True)])
+    boxed = ev.Run("model", 0, [0.5, 0.7, 0.68], [((1, 1, 1), False), ((2, 2, 2), True)],
+                   box_lps=[[0, 0, 0], [9, 9, 9]])
+    finished = ev.Run("model", 0, [0.3, 0.9, 0.9], [((1, 1, 1), True), ((2, 2, 2), True)])  # nothing left
+    target = ev.Target("a", 1, "", "manual", 500)
+    results = [ev.TargetResult(target, [run, ev.Run("sphere", 0, [0.1])], [], 0.0)
+               for run in (clicked, boxed, finished)]
+    value = ev.click_response(results, "model")
+    # Positive: +0.3, +0.2 (first run), -0.02 (after the box), +0.6 (third run); negative:
+    # -0.1 (first run), +0.2 (the box run's first click). The first prompts count not.
+    assert value["positive"] == {"clicks": 4, "mean_gain": pytest.approx((0.3 + 0.2 - 0.02 + 0.6) / 4)}
+    assert value["negative"] == {"clicks": 2, "mean_gain": pytest.approx((-0.1 + 0.2) / 2)}
+    assert value["lowered_share"] == pytest.approx(2 / 6)
+    summary = ev.summarise(results, n_clicks=3)
+    assert summary["groups"][0]["click_response"]["model"] == value
+    assert ev.format_click_response(summary).startswith(
+        "click response, manual-label targets: model +0.270 per positive / +0.050 per negative click, "
+        "33.3 % of clicks lower the Dice")
+
+
 def test_fast_mode_keeps_subset_labels_then_spreads():
     class Case:
         name = "c"
@@ -241,6 +263,17 @@ def test_cli_clicks_5_has_no_dice_at_10_and_jobs_agree(shared_data, tmp_path, ca
     assert first["latency"]["encoder_runs_per_object"] == pytest.approx(
         np.mean([sum(r["encoder_runs"]) for r in models]))
     assert "model click-to-mask, medians: first prompt" in printed and "thread(s) on cpu)" in printed
+    # The click response pairs every corrective click with the Dice change it made.
+    gains = {True: [], False: []}
+    for run in models:
+        for n, (_, positive) in enumerate(run["clicks"][1:], start=1):
+            gains[positive].append(run["dice"][n] - run["dice"][n - 1])
+    response = first["groups"][0]["click_response"]["model"]
+    assert response["positive"]["clicks"] == len(gains[True]) and response["negative"]["clicks"] == len(gains[False])
+    for sign, name in ((True, "positive"), (False, "negative")):
+        if gains[sign]:
+            assert response[name]["mean_gain"] == pytest.approx(np.mean(gains[sign]))
+    assert "click response, manual-label targets: model" in printed
 
 
 def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
