@@ -460,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--iou-loss-weight", type=float, default=1.0,
                     help="weight of the IoU head's squared error beside each mask's Dice + BCE (default 1, "
                          "as SAM); the head is what picks a first click's multimask output")
+    tr.add_argument("--click-focus", type=_non_negative_float, default=0.0, metavar="W",
+                    help="add W x the cross-entropy within 8 voxels of each step's newest click to the loss "
+                         "over the whole crop (default 0), so that what a click says is not diluted")
     tr.add_argument("--no-compile", dest="compile", action="store_false",
                     help="run the per-voxel work of each click step (losses, click sampling) eagerly "
                          "on CUDA instead of compiling it with torch.compile")
@@ -639,6 +642,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def _volume_weight(text: str) -> tuple[str, float]:
     # Only the syntax here: the sampler refuses unknown names and weights that are not positive.
     name, _, weight = text.rpartition("=")
@@ -666,7 +679,8 @@ def cmd_train(args) -> int:
                          interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
                                                        box_probability=args.box_probability,
                                                        iou_loss_weight=args.iou_loss_weight,
-                                                       click_depth=args.click_depth, compile=args.compile),
+                                                       click_depth=args.click_depth, click_focus=args.click_focus,
+                                                       compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,
                          encoder_width=args.encoder_width, multimask_first_click=args.multimask_first_click,

@@ -16,6 +16,22 @@ def dice_bce_per_sample(logits: torch.Tensor, target: torch.Tensor, eps: float =
     return soft_dice + F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(1)
 
 
+def ball_around(points: torch.Tensor, size: tuple[int, int, int], radius: float) -> torch.Tensor:
+    """(B, 1, D, H, W) float: 1 within ``radius`` voxels of each sample's point
+    (``points`` (B, 3) in tensor-axis order), else 0."""
+    axes = [(torch.arange(n, device=points.device) - points[:, a, None].float()) ** 2 for a, n in enumerate(size)]
+    squared = axes[0][:, :, None, None] + axes[1][:, None, :, None] + axes[2][:, None, None, :]
+    return (squared <= radius ** 2).float()[:, None]
+
+
+def focused_bce(logits: torch.Tensor, target: torch.Tensor, focus: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy averaged over each sample's ``focus`` region (0/1
+    weights shaped like ``logits``), then over the batch: what a loss over the
+    whole crop dilutes, the voxels around the newest click, counted in full."""
+    voxelwise = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return ((voxelwise * focus).flatten(1).sum(1) / focus.flatten(1).sum(1).clamp_min(1)).mean()
+
+
 def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``dice_bce_per_sample`` averaged over the batch."""
     return dice_bce_per_sample(logits, target).mean()

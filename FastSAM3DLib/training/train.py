@@ -29,11 +29,12 @@ from ..model.config import DEFAULT_COMPACT
 from .interaction import (box_corners, choose_click, make_click_plan, sample_clicks,
                           upsample_logits, upsampling_matrix)
 from .loop import BatchSource, DistributedContext, RunConfig, Task, TrainingError, loader_batches, run, step_seed
-from .losses import batch_dice, dice_bce_loss, dice_bce_per_sample, hard_iou
+from .losses import ball_around, batch_dice, dice_bce_loss, dice_bce_per_sample, focused_bce, hard_iou
 from .pack import DataError, read_pack
 from .sampler import GpuCropSampler, SamplerConfig
 
 TRAINABLE_CONFIGS: dict[str, ModelConfig] = {"default": DEFAULT_COMPACT, **NAMED_CONFIGS}
+CLICK_FOCUS_RADIUS = 8.0                # voxels (12 mm at 1.5 mm): about one low-res cell either way of a 4^3 block
 
 
 @dataclass
@@ -43,6 +44,9 @@ class InteractionConfig:
     interior_prob: float = 0.5          # share of clicks drawn from the eroded error core
     click_depth: int = 1                # erosions a core click may go down (the deepest level left)
     iou_loss_weight: float = 1.0
+    # Weight of the cross-entropy within CLICK_FOCUS_RADIUS voxels of the newest click, beside
+    # the loss over the whole crop (0: none); what the newest click says, the loss then heeds.
+    click_focus: float = 0.0
     # torch.compile the per-voxel work of each click step (upsampling, losses,
     # click sampling: elementwise passes over B x 128^3 that dominate the step
     # once the data is on the GPU); CUDA only, tens of seconds to compile once.
@@ -182,8 +186,11 @@ class InteractiveTraining(nn.Module):
                                                            self.interaction.iou_loss_weight)
             else:
                 low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt)
+                focus = None
+                if self.interaction.click_focus and not (plan.box_first and points.shape[1] == 2):
+                    focus = ball_around(points[:, -1], target.shape[2:], CLICK_FOCUS_RADIUS)
                 loss, pred = self.step_terms(low_res, iou_pred, upsampling, target,
-                                             self.interaction.iou_loss_weight)
+                                             self.interaction.iou_loss_weight, focus, self.interaction.click_focus)
             total = total + loss
             mask_prompt = low_res.detach()
             if first_dice is None:
@@ -192,13 +199,18 @@ class InteractiveTraining(nn.Module):
 
 
 def click_step_terms(low_res: torch.Tensor, iou_pred: torch.Tensor, upsampling: torch.Tensor,
-                     target: torch.Tensor, iou_loss_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+                     target: torch.Tensor, iou_loss_weight: float, focus: torch.Tensor | None = None,
+                     focus_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, prediction) of one click step: Dice + BCE of the upsampled logits
-    and the IoU head's error; a pure function of tensors, so that it can be compiled."""
+    and the IoU head's error, plus ``focus_weight`` x the BCE within ``focus``
+    (``focused_bce``); a pure function of tensors, so that it can be compiled."""
     logits = upsample_logits(low_res.float(), upsampling)
     pred = logits.detach() > 0
     iou_loss = F.mse_loss(iou_pred[:, 0].float(), hard_iou(pred, target))
-    return dice_bce_loss(logits, target) + iou_loss_weight * iou_loss, pred
+    loss = dice_bce_loss(logits, target) + iou_loss_weight * iou_loss
+    if focus is not None:
+        loss = loss + focus_weight * focused_bce(logits, target, focus)
+    return loss, pred
 
 
 def train_multimask_outputs_only(model: Sam3D) -> None:

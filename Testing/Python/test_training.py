@@ -22,7 +22,7 @@ from FastSAM3DLib.model.prompt_encoder import PositionEmbeddingRandom3D
 from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks, upsampling_matrix
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
                                         RunConfig, learning_rate_factor, loader_batches, run)
-from FastSAM3DLib.training.losses import dice_bce_loss, batch_dice, hard_iou
+from FastSAM3DLib.training.losses import ball_around, batch_dice, dice_bce_loss, hard_iou
 from FastSAM3DLib.training.train import (DataConfig, InteractionConfig, TrainConfig, build_training, click_step_terms,
                                          multimask_step_terms)
 
@@ -216,7 +216,7 @@ def test_cli_train_end_to_end_on_real_and_synthetic_samples(tmp_path, train_data
     code = main(["train", "--data", str(train_data), "--synthetic-ratio", "0.5", "--init", str(tiny_weights),
                  "--val-case", "mri_spine_cord_sct_t2", "--out", str(out), "--steps", "2", "--batch-size", "2",
                  "--workers", "1", "--min-clicks", "2", "--max-clicks", "3", "--click-depth", "3",
-                 "--log-every", "1", "--device", "cpu", "--no-progress"])
+                 "--click-focus", "1", "--log-every", "1", "--device", "cpu", "--no-progress"])
     assert code == 0
     records = _metrics(out)
     assert [r["step"] for r in records] == [1, 2]
@@ -295,6 +295,54 @@ def test_ddp_two_processes_end_identical_and_resume_on_one(tmp_path, train_data,
     result = _run_training(config)
     assert result["step"] == 3
     assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["samples_seen"] == 5
+
+
+def test_click_focus_adds_the_cross_entropy_around_the_newest_click_only():
+    n = 32
+    target = torch.zeros(2, 1, n, n, n, dtype=torch.bool)
+    target[:, :, 8:24, 8:24, 8:24] = True
+    low_res = torch.randn(2, 1, 8, 8, 8, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    iou_pred = torch.zeros(2, 1)
+    upsampling = upsampling_matrix(8, n)
+    points = torch.tensor([[4, 30, 16], [20, 20, 21]])
+    ball = ball_around(points, (n, n, n), 6.0)
+    # The ball, voxel by voxel: within 6 voxels of the point, the crop's border cutting it.
+    k, j, i = torch.meshgrid(*[torch.arange(n)] * 3, indexing="ij")
+    for b in range(2):
+        near = (k - points[b, 0]) ** 2 + (j - points[b, 1]) ** 2 + (i - points[b, 2]) ** 2 <= 36
+        assert torch.equal(ball[b, 0].bool(), near)
+    plain, _ = click_step_terms(low_res, iou_pred, upsampling, target, 0.0)
+    focused, _ = click_step_terms(low_res, iou_pred, upsampling, target, 0.0, ball, 2.0)
+    logits = F.interpolate(low_res, size=(n,) * 3, mode="trilinear", align_corners=False)
+    bce = F.binary_cross_entropy_with_logits(logits, target.float(), reduction="none")
+    expected = torch.stack([bce[b][ball[b].bool()].mean() for b in range(2)]).mean()
+    assert (focused - plain).item() == pytest.approx(2.0 * expected.item(), rel=1e-4)
+    # The gradient changes only through the logits within the balls.
+    plain_grad, = torch.autograd.grad(plain, low_res)
+    focused_grad, = torch.autograd.grad(focused, low_res)
+    cells_touched = F.max_pool3d(ball, 4) > 0            # low-res cells whose upsampled voxels meet a ball
+    reach = F.max_pool3d(cells_touched.float(), 3, stride=1, padding=1) > 0   # trilinear: one cell further
+    assert torch.allclose(plain_grad[~reach], focused_grad[~reach], atol=1e-7)
+    assert not torch.allclose(plain_grad[reach], focused_grad[reach])
+
+
+def test_training_step_adds_the_click_focus_term_in_proportion_to_its_weight():
+    from FastSAM3DLib.training.train import InteractiveTraining
+    torch.manual_seed(0)
+    model = Sam3D(TINY)
+    images = torch.randn(1, 1, 128, 128, 128, generator=torch.Generator().manual_seed(1))
+    targets = torch.zeros(1, 1, 128, 128, 128, dtype=torch.bool)
+    targets[:, :, 40:90, 50:80, 30:100] = True
+    losses = []
+    for weight in (0.0, 1.0, 2.0):
+        step = InteractiveTraining(model, InteractionConfig(min_steps=2, max_steps=2, interior_prob=0.0,
+                                                            click_focus=weight, compile=False), seed=5)
+        step.begin_step(0)
+        with torch.no_grad():
+            losses.append(step(images, targets, torch.Generator().manual_seed(7))[0].item())
+    # The clicks and masks do not depend on the weight, so the loss is linear in it.
+    assert losses[1] > losses[0]
+    assert losses[2] - losses[0] == pytest.approx(2 * (losses[1] - losses[0]), rel=1e-4)
 
 
 # ----------------------------------------------------------------------------- multimask first clicks
