@@ -34,7 +34,7 @@ from .pack import DataError, read_pack
 from .sampler import GpuCropSampler, SamplerConfig
 
 TRAINABLE_CONFIGS: dict[str, ModelConfig] = {"default": DEFAULT_COMPACT, **NAMED_CONFIGS}
-CLICK_FOCUS_RADIUS = 8.0                # voxels (12 mm at 1.5 mm): about one low-res cell either way of a 4^3 block
+CLICK_FOCUS_RADIUS = 8.0                # voxels: two low-res cells either way of the click (12 mm at 1.5 mm)
 
 
 @dataclass
