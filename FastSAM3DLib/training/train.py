@@ -186,7 +186,7 @@ class InteractiveTraining(nn.Module):
                                                            self.interaction.iou_loss_weight)
             else:
                 low_res, iou_pred = self.model.decode(embedding, points, labels, mask_prompt)
-                focus = None
+                focus = None             # a box alone (two corners, no click yet) has no newest click
                 if self.interaction.click_focus and not (plan.box_first and points.shape[1] == 2):
                     focus = ball_around(points[:, -1], target.shape[2:], CLICK_FOCUS_RADIUS)
                 loss, pred = self.step_terms(low_res, iou_pred, upsampling, target,
