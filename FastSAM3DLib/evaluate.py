@@ -228,6 +228,7 @@ class Run:
     seed: int
     dice: list[float]                            # after prompt 1, 2, ... (with a box first: the box, then clicks)
     clicks: list[tuple[tuple[int, int, int], bool]] = field(default_factory=list)   # (k, j, i), positive
+    obeyed: list[bool] = field(default_factory=list)   # after each click, its voxel has the click's label
     box_lps: list[list[float]] | None = None     # the first prompt's box (LPS min, max corners)
     # The model's answer to each prompt it was given (the baseline has none): the session's
     # click-to-mask time and the crops it embedded (MaskUpdate.timings["total"], .encoder_runs).
@@ -282,6 +283,7 @@ def simulate(method, image: sitk.Image, gt: np.ndarray, rule: str, n_clicks: int
         run.record(method.add_click(click.index, click.positive))
         pred = method.mask()
         run.clicks.append((tuple(int(v) for v in click.index), bool(click.positive)))
+        run.obeyed.append(bool(pred[tuple(click.index)] == click.positive))
         run.dice.append(dice(pred, gt))
     return run
 
@@ -568,9 +570,11 @@ def _mean_over_seeds(results: list[TargetResult], method: str, k: int) -> tuple[
 
 def click_response(results: list[TargetResult], method: str) -> dict:
     """How ``method`` answers corrective clicks (every click after the first
-    prompt): the mean Dice change after a positive and after a negative click,
-    and the share of clicks that lowered the Dice by more than ``LOWERED_BY``."""
+    prompt), for positive and negative clicks apart: the mean Dice change and
+    the share of clicks obeyed (their voxel has their label afterwards); and the
+    share of clicks that lowered the Dice by more than ``LOWERED_BY``."""
     gains = {True: [], False: []}
+    obeyed = {True: [], False: []}
     for t in results:
         for run in t.runs_of(method):
             # Dice i answers prompt i; a box first shifts the clicks by one. A run stops
@@ -580,12 +584,17 @@ def click_response(results: list[TargetResult], method: str) -> dict:
                 d = n + offset
                 if d > 0 and math.isfinite(run.dice[d]) and math.isfinite(run.dice[d - 1]):
                     gains[positive].append(run.dice[d] - run.dice[d - 1])
+                    if n < len(run.obeyed):
+                        obeyed[positive].append(run.obeyed[n])
+
+    def mean(values) -> float:
+        return float(np.mean(values)) if values else math.nan
+
     every = gains[True] + gains[False]
-    return {"positive": {"clicks": len(gains[True]), "mean_gain": float(np.mean(gains[True])) if gains[True]
-                         else math.nan},
-            "negative": {"clicks": len(gains[False]), "mean_gain": float(np.mean(gains[False])) if gains[False]
-                         else math.nan},
-            "lowered_share": float(np.mean([g < -LOWERED_BY for g in every])) if every else math.nan}
+    return {**{sign: {"clicks": len(gains[positive]), "mean_gain": mean(gains[positive]),
+                      "obeyed_share": mean(obeyed[positive])}
+               for sign, positive in (("positive", True), ("negative", False))},
+            "lowered_share": mean([g < -LOWERED_BY for g in every])}
 
 
 def _group(name: str, results: list[TargetResult], ks: list[int]) -> dict:
@@ -671,10 +680,12 @@ def format_click_response(summary: dict) -> str:
             continue
         parts = []
         for method, value in g["click_response"].items():
-            if value["positive"]["clicks"] + value["negative"]["clicks"]:
-                parts.append(f"{method} {value['positive']['mean_gain']:+.3f} per positive / "
-                             f"{value['negative']['mean_gain']:+.3f} per negative click, "
-                             f"{100 * value['lowered_share']:.1f} % of clicks lower the Dice")
+            positive, negative = value["positive"], value["negative"]
+            if positive["clicks"] + negative["clicks"]:
+                parts.append(f"{method} {positive['mean_gain']:+.3f} per positive / "
+                             f"{negative['mean_gain']:+.3f} per negative click, "
+                             f"{100 * positive['obeyed_share']:.0f} % / {100 * negative['obeyed_share']:.0f} % "
+                             f"obeyed, {100 * value['lowered_share']:.1f} % of clicks lower the Dice")
         if parts:
             lines.append(f"click response, {g['group']}: " + "; ".join(parts))
     return "\n".join(lines)

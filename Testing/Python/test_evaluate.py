@@ -190,24 +190,29 @@ def test_latency_splits_later_prompts_by_whether_they_embedded_a_crop():
 
 def test_click_response_pairs_each_click_with_the_dice_change_it_made():
     clicked = ev.Run("model", 0, [0.2, 0.5, 0.4, 0.6], [((1, 1, 1), True), ((2, 2, 2), True),
-                                                         ((3, 3, 3), False), ((4, 4, 4), True)])
+                                                         ((3, 3, 3), False), ((4, 4, 4), True)],
+                     obeyed=[True, True, False, True])
     boxed = ev.Run("model", 0, [0.5, 0.7, 0.68], [((1, 1, 1), False), ((2, 2, 2), True)],
-                   box_lps=[[0, 0, 0], [9, 9, 9]])
-    finished = ev.Run("model", 0, [0.3, 0.9, 0.9], [((1, 1, 1), True), ((2, 2, 2), True)])  # nothing left
+                   box_lps=[[0, 0, 0], [9, 9, 9]], obeyed=[True, False])
+    finished = ev.Run("model", 0, [0.3, 0.9, 0.9], [((1, 1, 1), True), ((2, 2, 2), True)],  # nothing left
+                      obeyed=[True, True])
     target = ev.Target("a", 1, "", "manual", 500)
     results = [ev.TargetResult(target, [run, ev.Run("sphere", 0, [0.1])], [], 0.0)
                for run in (clicked, boxed, finished)]
     value = ev.click_response(results, "model")
-    # Positive: +0.3, +0.2 (first run), -0.02 (after the box), +0.6 (third run); negative:
-    # -0.1 (first run), +0.2 (the box run's first click). The first prompts count not.
-    assert value["positive"] == {"clicks": 4, "mean_gain": pytest.approx((0.3 + 0.2 - 0.02 + 0.6) / 4)}
-    assert value["negative"] == {"clicks": 2, "mean_gain": pytest.approx((-0.1 + 0.2) / 2)}
+    # Positive: +0.3, +0.2 (first run), -0.02 (after the box), +0.6 (third run), obeyed 3 of 4
+    # (the first click counts not); negative: -0.1 (first run, not obeyed), +0.2 (the box run's
+    # first click, obeyed). The first prompts count not.
+    assert value["positive"] == {"clicks": 4, "mean_gain": pytest.approx((0.3 + 0.2 - 0.02 + 0.6) / 4),
+                                 "obeyed_share": pytest.approx(3 / 4)}
+    assert value["negative"] == {"clicks": 2, "mean_gain": pytest.approx((-0.1 + 0.2) / 2),
+                                 "obeyed_share": pytest.approx(1 / 2)}
     assert value["lowered_share"] == pytest.approx(2 / 6)
     summary = ev.summarise(results, n_clicks=3)
     assert summary["groups"][0]["click_response"]["model"] == value
     assert ev.format_click_response(summary).startswith(
         "click response, manual-label targets: model +0.270 per positive / +0.050 per negative click, "
-        "33.3 % of clicks lower the Dice")
+        "75 % / 50 % obeyed, 33.3 % of clicks lower the Dice")
 
 
 def test_fast_mode_keeps_subset_labels_then_spreads():
@@ -273,7 +278,18 @@ def test_cli_clicks_5_has_no_dice_at_10_and_jobs_agree(shared_data, tmp_path, ca
     for sign, name in ((True, "positive"), (False, "negative")):
         if gains[sign]:
             assert response[name]["mean_gain"] == pytest.approx(np.mean(gains[sign]))
-    assert "click response, manual-label targets: model" in printed
+    # Obeyed: the click's voxel has the click's label in the mask that answered it.
+    assert all(len(r["obeyed"]) == len(r["clicks"]) for r in runs)
+    spheres = [r for r in runs if r["method"] == "sphere"]
+    assert all(all(r["obeyed"]) for r in spheres)          # a ball at the click always holds it
+    obeyed = {True: [], False: []}
+    for run in models:
+        for (_, positive), kept in list(zip(run["clicks"], run["obeyed"]))[1:]:
+            obeyed[positive].append(kept)
+    for sign, name in ((True, "positive"), (False, "negative")):
+        if obeyed[sign]:
+            assert response[name]["obeyed_share"] == pytest.approx(np.mean(obeyed[sign]))
+    assert "click response, manual-label targets: model" in printed and "obeyed" in printed
 
 
 def test_a_target_scores_the_same_whatever_was_evaluated_before_it(shared_data):
