@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="half of the clicks come from the error's core: its deepest non-empty level of "
                          "up to N erosions by 2 voxels (default 1; more puts them nearer the centre of the "
                          "thickest error, as users and the evaluation's centre rule click)")
+    tr.add_argument("--first-click-depth", type=_positive_int, metavar="N",
+                    help="the same for each sample's first click alone (default: --click-depth); deep "
+                         "first clicks cost one click step's erosions, deep clicks all of them")
     tr.add_argument("--encoder-width", type=int, metavar="N",
                     help="image-encoder width of a fresh model (a multiple of 64; heads = N / 64), to "
                          "compare model sizes; default: the configuration's own")
@@ -679,7 +682,8 @@ def cmd_train(args) -> int:
                          interaction=InteractionConfig(min_steps=args.min_clicks, max_steps=args.max_clicks,
                                                        box_probability=args.box_probability,
                                                        iou_loss_weight=args.iou_loss_weight,
-                                                       click_depth=args.click_depth, click_focus=args.click_focus,
+                                                       click_depth=args.click_depth, first_click_depth=args.first_click_depth,
+                                                       click_focus=args.click_focus,
                                                        compile=args.compile),
                          model_config=args.model_config, init=tuple(args.init),
                          decoder_lr_scale=args.decoder_lr_scale, box_prompts=args.box_prompts,

@@ -6,7 +6,7 @@
 # with a fresh optimiser and a short warm-up (the weights travel, the optimiser state does not).
 #   scripts/train_default.sh pack            -> .gpu/train.pack, .gpu/maps.pack, .gpu/maps2.pack
 #   scripts/train_default.sh train INIT OUT  -> OUT/model.safetensors (on the GPU machine)
-# Settings of a run: BATCH, LR, STEPS, MINUTES, BOX_P, PART_P, CLICK_DEPTH, CLICK_FOCUS, OVERSAMPLE ("NAME=WEIGHT ...").
+# Settings of a run: BATCH, LR, STEPS, MINUTES, BOX_P, PART_P, CLICK_DEPTH, FIRST_CLICK_DEPTH, CLICK_FOCUS, OVERSAMPLE ("NAME=WEIGHT ...").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 data=${DATA:-../shared/data}
@@ -39,7 +39,8 @@ train)
     for p in .gpu/train.pack .gpu/maps.pack .gpu/maps2.pack; do [[ -f $p ]] && packs+=(--pack "$p"); done
     for o in ${OVERSAMPLE:-}; do packs+=(--oversample "$o"); done   # NAME=WEIGHT ..., see docs/training.md
     "$python" -m FastSAM3DLib.cli train "${packs[@]}" --box-prompts --box-probability "${BOX_P:-0.3}" --multimask-first-click \
-        --part-probability "${PART_P:-0}" --click-depth "${CLICK_DEPTH:-1}" --click-focus "${CLICK_FOCUS:-0}" \
+        --part-probability "${PART_P:-0}" --click-depth "${CLICK_DEPTH:-1}" \
+        --first-click-depth "${FIRST_CLICK_DEPTH:-${CLICK_DEPTH:-1}}" --click-focus "${CLICK_FOCUS:-0}" \
         --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size "${BATCH:-64}" --steps "${STEPS:-940}" \
         --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
         --checkpoint-every 100000 --device cuda --no-progress

@@ -43,6 +43,7 @@ class InteractionConfig:
     max_steps: int = 11
     interior_prob: float = 0.5          # share of clicks drawn from the eroded error core
     click_depth: int = 1                # erosions a core click may go down (the deepest level left)
+    first_click_depth: int | None = None  # the same for a sample's first click (None: click_depth)
     iou_loss_weight: float = 1.0
     # Weight of the cross-entropy within CLICK_FOCUS_RADIUS voxels of the newest click, beside
     # the loss over the whole crop (0: none); what the newest click says, the loss then heeds.
@@ -175,8 +176,11 @@ class InteractiveTraining(nn.Module):
         first_dice = None
         for i in range(plan.steps):
             if plan.adds_click(i) and not (i == 0 and plan.box_first):
+                depth = self.interaction.click_depth
+                if points.shape[1] == 0 and self.interaction.first_click_depth is not None:
+                    depth = self.interaction.first_click_depth
                 coords, click_labels = sample_clicks(pred, target, generator, self.interaction.interior_prob,
-                                                     choose=self.choose_click, depth=self.interaction.click_depth)
+                                                     choose=self.choose_click, depth=depth)
                 points = torch.cat([points, coords[:, None]], dim=1)
                 labels = torch.cat([labels, click_labels[:, None]], dim=1)
             # The engine's rule: a first prompt of one click (always positive here) is multimask.

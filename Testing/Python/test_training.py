@@ -124,6 +124,29 @@ def test_deep_clicks_come_from_the_deepest_erosion_level_left():
     assert shallow.min() < 10 and shallow.max() > 21     # depth 1 (the default): the whole 2-voxel core
 
 
+def test_first_click_depth_applies_to_each_samples_first_click_alone(monkeypatch):
+    from FastSAM3DLib.training import train as training
+    drawn = []
+
+    def recording(pred, target, generator, interior_prob, choose, depth):
+        coords, labels = sample_clicks(pred, target, generator, interior_prob, choose=choose, depth=depth)
+        drawn.append((depth, coords))
+        return coords, labels
+
+    monkeypatch.setattr(training, "sample_clicks", recording)
+    targets = torch.zeros(2, 1, 128, 128, 128, dtype=torch.bool)
+    targets[:, :, 40:72, 40:72, 40:72] = True            # 32 thick: 6 erosions by 2 leave 8 wide
+    images = torch.randn(2, 1, 128, 128, 128, generator=torch.Generator().manual_seed(1))
+    step = training.InteractiveTraining(Sam3D(TINY), InteractionConfig(
+        min_steps=4, max_steps=4, interior_prob=1.0, first_click_depth=6, compile=False), seed=3)
+    step.begin_step(0)
+    assert not step.plan.box_first
+    with torch.no_grad():
+        step(images, targets, torch.Generator().manual_seed(2))
+    assert [d for d, _ in drawn] == [6] + [1] * (len(drawn) - 1) and len(drawn) >= 2
+    assert ((drawn[0][1] >= 52) & (drawn[0][1] <= 59)).all()   # the deepest level, the cube's 8-voxel centre
+
+
 def test_erosion_is_a_cube_min_filter():
     mask = torch.rand(1, 1, 20, 20, 20, generator=torch.Generator().manual_seed(1)) > 0.2
     reference = -torch.nn.functional.max_pool3d(-mask.float(), 5, stride=1, padding=2) > 0.5
