@@ -350,7 +350,7 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
     budget_s = config.max_minutes * 60 if config.max_minutes else None
     save_s = 5.0                                      # replaced by the measured time of a save
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
-    step_time = 0.0
+    step_time, first_step = 0.0, step
 
     def checkpoint() -> None:
         nonlocal save_s
@@ -400,7 +400,10 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
         if bar is not None:
             bar.update(1)
 
-        step_time = max(step_time * 0.9, time.perf_counter() - began)
+        # The estimate of the next step skips this process's first one: torch.compile and the CUDA
+        # warm-up make it tens of seconds once, which would end a short budget after one step.
+        if step > first_step + 1:
+            step_time = max(step_time * 0.9, time.perf_counter() - began)
         out_of_time = budget_s is not None and (
             time.monotonic() - config.started + 1.5 * step_time + 2 * save_s + 5 > budget_s)
         out_of_time, diverged = context.step_flags(out_of_time, not bool(torch.isfinite(loss)))

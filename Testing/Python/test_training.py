@@ -7,6 +7,7 @@ test to seconds of CPU time per step.
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,22 @@ def test_time_budget_stops_cleanly_and_resume_matches_an_uninterrupted_run(tmp_p
     b = resumed["task"].module.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["step"] for r in _metrics(tmp_path / "chunks")] == [1, 2, 3]
+
+
+def test_a_slow_first_step_does_not_end_the_time_budget(tmp_path, tiny_weights):
+    # The first step of a process compiles (tens of seconds on a GPU): the budget's estimate
+    # of the next step must not take it for the step time, or a short run stops after one step.
+    config = _train_config(tmp_path, tiny_weights, steps=3, max_minutes=0.5)
+    context = DistributedContext.start(config.run.device)
+    try:
+        task, batches = build_training(config, context)
+        batches = loader_batches(OneSample(), no_augmentation, config.run, context)
+        on_step = task.on_step
+        task.on_step = lambda step: (time.sleep(8) if step == 0 else None, on_step(step))
+        result = run(task, batches, config.run, context)
+    finally:
+        context.stop()
+    assert result["finished"] and result["step"] == 3
 
 
 # ----------------------------------------------------------------------------- DDP
