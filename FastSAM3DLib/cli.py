@@ -714,7 +714,7 @@ def cmd_quantize(args) -> int:
     import torch
 
     from .build import DEFAULT_WEIGHTS, build_model
-    from .checkpoint import CheckpointError, save_model
+    from .checkpoint import CONFIG_METADATA_KEY, QUANTIZATION_METADATA_KEY, CheckpointError, save_model
 
     source = DEFAULT_WEIGHTS if args.weights == "default" else Path(args.weights)
     if not source.is_file():
@@ -723,7 +723,15 @@ def cmd_quantize(args) -> int:
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out.name}: the int8 file must end in .safetensors")
     model = build_model(str(source), device="cpu")
-    save_model(model, out, dtype=torch.float16, int8=True, metadata={"quantized_from": source.name})
+    # The source's provenance (e.g. "training") travels; its configuration is written anew.
+    provenance = {}
+    if source.suffix == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(str(source), framework="pt") as f:
+            provenance = {k: v for k, v in (f.metadata() or {}).items()
+                          if k not in (CONFIG_METADATA_KEY, QUANTIZATION_METADATA_KEY)}
+    provenance.setdefault("quantized_from", source.name)
+    save_model(model, out, dtype=torch.float16, int8=True, metadata=provenance)
     _log(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB (from {source.stat().st_size / 1e6:.1f} MB)")
     return 0
 

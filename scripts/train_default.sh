@@ -15,16 +15,16 @@ case "${1:?usage: scripts/train_default.sh pack | train INIT OUT}" in
 pack)
     mkdir -p .gpu
     # The validation cases (top level of the data folder) are never packed: the training manifest
-    # marks them "stored_in_train_folder": false. Label maps in two packs, so that the first
-    # two and a checkout fit one 64 MiB transfer to the GPU machine.
+    # marks them "stored_in_train_folder": false. All three packs (28 MB) and a checkout
+    # (28 MB, the bundled file in int8) fit one 64 MiB transfer to the GPU machine; the label
+    # maps are in two packs so that a run can leave the second one out.
     "$python" -m FastSAM3DLib.cli pack .gpu/train.pack "$data/train"
     held=()
     for n in 09 10 11 12 13 14 15 16 17 18 19 20; do held+=("synthseg_training_seg_$n"); done
     for n in 38 44 49 54; do held+=("brainweb_subject${n}_crisp"); done
     skip=(); for c in "${held[@]}"; do skip+=(--exclude "$c"); done
     "$python" -m FastSAM3DLib.cli pack .gpu/maps.pack "$data/label_maps" "${skip[@]}"
-    # The held-back maps, for a second call while the GPU machine is still warm (it keeps the
-    # first call's packs): every other map excluded.
+    # The held-back maps (held out of the earlier runs): every other map excluded.
     skip=()
     for c in $("$python" -c 'import json, sys; held = set(sys.argv[2:]); print(" ".join(
             e["case"] for e in json.load(open(sys.argv[1])) if e["case"] not in held))' \
