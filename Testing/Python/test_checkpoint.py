@@ -185,8 +185,8 @@ def test_int8_file_is_half_the_size_and_each_weight_within_half_its_channel_step
 def test_the_bundled_file_is_int8_and_int8_rounding_keeps_a_real_models_masks(tmp_path, shared_data, capsys):
     """The bundled model ships in int8. An fp16 model off the int8 lattice (the bundled
     weights each moved by up to half its channel's step, as a training run writes them)
-    quantized by `fastsam3d quantize`: half the file, its provenance kept, and one click in the CT's spleen and
-    one in Colin27's left putamen give the fp16 model's masks (Dice >= 0.98)."""
+    quantized by `fastsam3d quantize`: half the file, its provenance kept, and one click in
+    the CT's spleen and one in Colin27's left putamen give the fp16 model's masks (Dice >= 0.98)."""
     import SimpleITK as sitk
     from FastSAM3DLib.cli import main
     from FastSAM3DLib.clicks import center_click
