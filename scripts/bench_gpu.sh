@@ -2,9 +2,9 @@
 # The GPU benchmark of the engine, in two steps:
 #   scripts/bench_gpu.sh stage   (here, with SimpleITK and ../shared/data) -> .gpu/bench/:
 #       SimpleITK (the GPU machine has none) as an xz tar of its installed wheel in two parts
-#       (the wheel is 53 MB, the tar 28 MB: one transfer beside a checkout holds ~22 MB), and
-#       the four validation cases with a manifest; carry them over two calls while the machine
-#       stays warm (see docs/performance.md).
+#       (the wheel is 53 MB, the tar 28 MB), and the four validation cases' images and labels
+#       with a manifest (9.4 MB); with a checkout (28 MB) all of .gpu/bench travels in one
+#       64 MiB call (65.9 of 67.1 MB; see docs/performance.md).
 #   scripts/bench_gpu.sh OUT     (on the GPU machine) -> OUT/: tests.log, bench.json, bench.md,
 #       bench.log; with SimpleITK (unpacked from the staged parts when both are there) also
 #       the engine's click-to-mask with zoom on the validation cases: zoom_{auto,fixed}.{log,json}.
@@ -32,12 +32,17 @@ with tarfile.open(sys.argv[2] + "/simpleitk.tar.xz", "w:xz", preset=9) as tar:
     tar.add(sys.argv[2] + "/lib", arcname=".")' "$work"/*.whl "$work"
     split -n 2 -d "$work/simpleitk.tar.xz" "$STAGE/simpleitk/tar.xz.part"
     rm -rf "$work"
-    # Only the validation cases' entries: the manifest's training cases are not staged, and
-    # a manifest entry without its image is an error.
-    "$PYTHON" -c 'import json, sys
+    # Only the validation cases' entries and the two files each names (image, label): the
+    # manifest's training cases are not staged, and a manifest entry without its image is an error.
+    "$PYTHON" -c 'import json, os, shutil, sys
 entries = [e for e in json.load(open(sys.argv[1])) if e["case"] in sys.argv[3].split(",")]
-json.dump(entries, open(sys.argv[2], "w"), indent=1)' "$DATA/train/MANIFEST.json" "$STAGE/data/train/MANIFEST.json" "$VALIDATION"
-    for case in ${VALIDATION//,/ }; do cp -r "$DATA/$case" "$STAGE/data/"; done
+json.dump(entries, open(sys.argv[2], "w"), indent=1)
+for e in entries:
+    for name in (e["image"], e["label"]):
+        target = os.path.join(os.path.dirname(sys.argv[2]), name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(os.path.dirname(sys.argv[1]), name), target)' \
+        "$DATA/train/MANIFEST.json" "$STAGE/data/train/MANIFEST.json" "$VALIDATION"
     du -sh "$STAGE"/simpleitk/* "$STAGE"/data/*
     exit 0
 fi
