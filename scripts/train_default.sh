@@ -10,7 +10,7 @@
 #       from NAME(n-1) when this machine holds it (it keeps ignored files while warm), else from
 #       the bundled weights; BACK/NAMEn/ gets train.log, sha256 and the fp16 weights in 15 MB
 #       parts (the machine returns files of at most 16 MB): cat part* > model.safetensors
-# Settings of a run: DEVICE (cuda; cpu for a dry run), BATCH, LR, STEPS, MINUTES, BOX_P, PART_P, CLICK_DEPTH, FIRST_CLICK_DEPTH, CLICK_FOCUS, OVERSAMPLE ("NAME=WEIGHT ...").
+# Settings of a run: DEVICE (cuda; cpu for a dry run), BATCH, LR, STEPS, MINUTES, BOX_P, PART_P, CLICK_DEPTH, FIRST_CLICK_DEPTH, CLICK_FOCUS, SEED, OVERSAMPLE ("NAME=WEIGHT ...").
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 data=${DATA:-../shared/data}
@@ -25,7 +25,7 @@ train_run() {  # INIT OUT
         --first-click-depth "${FIRST_CLICK_DEPTH:-${CLICK_DEPTH:-1}}" --click-focus "${CLICK_FOCUS:-0}" \
         --init "$init" --decoder-lr-scale 1 --out "$out" --batch-size "${BATCH:-64}" --steps "${STEPS:-940}" \
         --warmup-steps 30 --lr "${LR:-6e-4}" --max-minutes "${MINUTES:-7.7}" --log-every 20 \
-        --checkpoint-every 100000 --device "${DEVICE:-cuda}" --no-progress
+        --checkpoint-every 100000 --seed "${SEED:-2024}" --device "${DEVICE:-cuda}" --no-progress
 }
 
 case "${1:?usage: scripts/train_default.sh pack | train INIT OUT | stage NAME BACK}" in

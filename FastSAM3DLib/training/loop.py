@@ -3,7 +3,8 @@
 A *task* is an ``nn.Module`` whose ``forward(images, targets, generator)``
 returns ``(loss, metrics)``; this module owns everything around it: devices
 and DistributedDataParallel (``torchrun``), the data loader, augmentation,
-AdamW with warm-up + cosine, bf16 autocast on CUDA, gradient clipping, the
+AdamW with warm-up + cosine, bf16 autocast on CUDA, gradient clipping, skipping
+the update of a step whose loss or gradient is not finite, the
 time budget, resumable checkpoints, the metrics log and the progress bar.
 
 Determinism: every random choice of step ``s`` on rank ``r`` comes from a
@@ -34,6 +35,7 @@ from ..atomic import atomic_output_path
 from ..build import resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
+MAX_SKIPPED_IN_A_ROW = 3             # steps with a non-finite loss or gradient that mean divergence
 MODEL_NAME = "model.safetensors"
 METRICS_NAME = "metrics.jsonl"
 CHECKPOINT_FORMAT = 1
@@ -113,14 +115,15 @@ class DistributedContext:
             dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", init_method="env://")
         return cls(dist.get_rank(), dist.get_world_size(), resolved)
 
-    def step_flags(self, out_of_time: bool, diverged: bool) -> tuple[bool, bool]:
-        """The same (out of time, diverged) on every rank: the time budget is rank
-        0's clock, divergence anywhere stops all."""
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank, the same answer on every rank (a
+        step skipped anywhere is skipped everywhere; the time budget is rank 0's
+        clock)."""
         if not self.distributed:
-            return out_of_time, diverged
-        flags = torch.tensor([float(out_of_time and self.is_main), float(diverged)], device=self.device)
+            return flag
+        flags = torch.tensor([float(flag)], device=self.device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        return bool(flags[0] > 0)
 
     def mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.distributed:
@@ -351,6 +354,7 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
     save_s = 5.0                                      # replaced by the measured time of a save
     window_start, window_steps, window_sums = time.perf_counter(), 0, None
     step_time, first_step = 0.0, step
+    skipped = skipped_in_a_row = 0
 
     def checkpoint() -> None:
         nonlocal save_s
@@ -372,21 +376,35 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
             loss, metrics = trained(images, targets, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip)
-        optimizer.step()
+        # The norm is NaN or inf when the loss or any gradient is (without clipping too).
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip or math.inf)
+        if context.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))):
+            # One batch whose loss or gradient overflows must not end hours of training, nor
+            # reach AdamW, whose moments it would fill with NaN: as a GradScaler does, the step
+            # is skipped; a run that keeps overflowing has diverged and stops.
+            skipped += 1
+            skipped_in_a_row += 1
+            if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                raise TrainingError(f"the loss is not finite at {skipped_in_a_row} steps in a row (the last "
+                                    f"{step + 1}): lower --lr (the last checkpoint in {out} is intact)")
+            if context.is_main:
+                _log(f"step {step + 1}: the loss or a gradient is not finite; the update is skipped "
+                     f"({skipped} so far)")
+        else:
+            optimizer.step()
+            skipped_in_a_row = 0
+            values = torch.stack([loss.detach().float(), *(v.detach().float() for v in metrics.values())])
+            window_sums = values if window_sums is None else window_sums + values
+            window_steps += 1
         step += 1
         samples_seen += global_batch
 
-        values = torch.stack([loss.detach().float(), *(v.detach().float() for v in metrics.values())])
-        window_sums = values if window_sums is None else window_sums + values
-        window_steps += 1
-        if step % config.log_every == 0 or step == config.steps:
+        if window_steps and (step % config.log_every == 0 or step == config.steps):
             means = context.mean(window_sums / window_steps).tolist()
             elapsed = time.perf_counter() - window_start
             record = {"step": step, "loss": means[0],
                       **{k: v for k, v in zip(metrics, means[1:])},
-                      "lr": config.lr * factor,
+                      "lr": config.lr * factor, "skipped_steps": skipped,
                       "samples_per_s": window_steps * global_batch / elapsed,
                       "elapsed_min": (time.monotonic() - config.started) / 60}
             if context.is_main:
@@ -406,10 +424,7 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
             step_time = max(step_time * 0.9, time.perf_counter() - began)
         out_of_time = budget_s is not None and (
             time.monotonic() - config.started + 1.5 * step_time + 2 * save_s + 5 > budget_s)
-        out_of_time, diverged = context.step_flags(out_of_time, not bool(torch.isfinite(loss)))
-        if diverged:
-            raise TrainingError(f"the loss is not finite at step {step}: lower --lr "
-                                f"(the last checkpoint in {out} is intact)")
+        out_of_time = context.any_rank(out_of_time and context.is_main)
         if out_of_time and step < config.steps:
             checkpoint()
             if context.is_main:

@@ -22,7 +22,7 @@ from FastSAM3DLib.model.config import DEFAULT_COMPACT
 from FastSAM3DLib.model.prompt_encoder import PositionEmbeddingRandom3D
 from FastSAM3DLib.training.interaction import erode, make_click_plan, sample_clicks, upsampling_matrix
 from FastSAM3DLib.training.loop import (CHECKPOINT_NAME, METRICS_NAME, MODEL_NAME, DistributedContext,
-                                        RunConfig, learning_rate_factor, loader_batches, run)
+                                        RunConfig, TrainingError, learning_rate_factor, loader_batches, run)
 from FastSAM3DLib.training.losses import ball_around, batch_dice, dice_bce_loss, hard_iou
 from FastSAM3DLib.training.train import (DataConfig, InteractionConfig, TrainConfig, build_training, click_step_terms,
                                          multimask_step_terms)
@@ -300,6 +300,49 @@ def test_a_slow_first_step_does_not_end_the_time_budget(tmp_path, tiny_weights):
     finally:
         context.stop()
     assert result["finished"] and result["step"] == 3
+
+
+def _poisoned(source, bad_steps: set[int]):
+    """``source``'s batches, with the image all NaN at the steps in ``bad_steps``
+    (counted from 0): a batch whose loss and gradients overflow."""
+    def start(first_sample):
+        next_batch = source(first_sample)
+
+        def poisoned_batch(step, generator):
+            images, targets = next_batch(step, generator)
+            return (torch.full_like(images, float("nan")) if step in bad_steps else images), targets
+        return poisoned_batch
+    return start
+
+
+def _train_on_poisoned_batches(config: TrainConfig, bad_steps: set[int]) -> dict:
+    context = DistributedContext.start(config.run.device)
+    try:
+        task, batches = build_training(config, context)
+        batches = loader_batches(OneSample(), no_augmentation, config.run, context)
+        return run(task, _poisoned(batches, bad_steps), config.run, context) | {"task": task}
+    finally:
+        context.stop()
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_training_goes_on(tmp_path, tiny_weights, capsys):
+    result = _train_on_poisoned_batches(_train_config(tmp_path, tiny_weights, steps=4), bad_steps={1})
+    assert result["finished"] and result["step"] == 4
+    state = result["task"].module.state_dict()
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    records = _metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 3, 4]          # the skipped step has no record
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert "step 2: the loss or a gradient is not finite" in capsys.readouterr().err
+    # The model written is finite too (the NaN step never reached the optimiser).
+    state_on_disk, _ = read_checkpoint(tmp_path / MODEL_NAME)
+    assert all(torch.isfinite(v.float()).all() for v in state_on_disk.values() if v.is_floating_point())
+
+
+def test_a_run_whose_loss_stays_non_finite_stops_as_diverged(tmp_path, tiny_weights):
+    with pytest.raises(TrainingError, match="not finite at 3 steps in a row"):
+        _train_on_poisoned_batches(_train_config(tmp_path, tiny_weights, steps=6), bad_steps={1, 2, 3})
 
 
 # ----------------------------------------------------------------------------- DDP
