@@ -504,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("out", metavar="OUT", help="the .safetensors file to write")
     qu.set_defaults(func=cmd_quantize)
 
+    av = sub.add_parser(
+        "average", help="average the weights of runs trained from one another (a model soup)",
+        description="Write the element-wise mean of the weights of two or more models of one "
+                    "configuration as fp16 safetensors. Runs fine-tuned from a common model average into "
+                    "one that often keeps what each learnt (Wortsman et al. 2022, 'Model soups'); models "
+                    "trained apart do not average into anything useful.",
+        epilog="Example: fastsam3d average default runs/b/model.safetensors --out runs/soup.safetensors")
+    av.add_argument("weights", metavar="WEIGHTS", nargs="+",
+                    help="'default' (bundled) or weights files (.safetensors, or official .pth)")
+    av.add_argument("--out", required=True, metavar="OUT", help="the .safetensors file to write")
+    av.set_defaults(func=cmd_average)
+
     di = sub.add_parser(
         "distill", help="distil a smaller encoder from a teacher (layer-wise progressive, resumable)",
         description="Layer-wise progressive distillation (FastSAM3D, section 2.2): student block i matches "
@@ -733,6 +745,36 @@ def cmd_quantize(args) -> int:
     provenance.setdefault("quantized_from", source.name)
     save_model(model, out, dtype=torch.float16, int8=True, metadata=provenance)
     _log(f"wrote {out}: {out.stat().st_size / 1e6:.1f} MB (from {source.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_average(args) -> int:
+    import torch
+
+    from .build import DEFAULT_WEIGHTS, build_model
+    from .checkpoint import CheckpointError, save_model
+
+    if len(args.weights) < 2:
+        raise CheckpointError("average needs two or more weights files")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out.name}: the averaged file must end in .safetensors")
+    sources = [DEFAULT_WEIGHTS if w == "default" else Path(w) for w in args.weights]
+    for source in sources:
+        if not source.is_file():
+            raise CheckpointError(f"weights file not found: {source}")
+    models = [build_model(str(source), device="cpu") for source in sources]
+    for source, model in zip(sources[1:], models[1:]):
+        if model.config != models[0].config:
+            raise CheckpointError(f"{source.name} is not the model {sources[0].name} is: only runs of one "
+                                  "configuration can be averaged")
+    states = [m.state_dict() for m in models]
+    mean = {k: torch.stack([s[k].float() for s in states]).mean(0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    models[0].load_state_dict(mean)
+    save_model(models[0], out, dtype=torch.float16,
+               metadata={"averaged_from": ", ".join(args.weights)})
+    _log(f"wrote {out}: the mean of {len(sources)} models")
     return 0
 
 

@@ -227,6 +227,41 @@ def test_the_bundled_file_is_int8_and_int8_rounding_keeps_a_real_models_masks(tm
         assert masks[0].sum() > 100 and overlap >= 0.98, (folder, overlap)
 
 
+def test_average_writes_the_mean_of_runs_of_one_configuration(tmp_path, capsys):
+    from FastSAM3DLib.cli import main
+
+    paths, states = [], []
+    for seed in (0, 1, 2):
+        model = Sam3D(TINY).eval()
+        model.load_state_dict(_random_state(TINY, seed))
+        paths.append(tmp_path / f"run{seed}.safetensors")
+        save_model(model, paths[-1], dtype=torch.float16)
+        states.append(read_checkpoint(paths[-1])[0])
+    out = tmp_path / "soup.safetensors"
+    assert main(["average", *map(str, paths), "--out", str(out)]) == 0
+    averaged, config = read_checkpoint(out)
+    assert config == TINY and averaged.keys() == states[0].keys()
+    for key, value in averaged.items():
+        mean = sum(s[key].float() for s in states) / 3
+        torch.testing.assert_close(value.float(), mean, rtol=1e-3, atol=1e-4)
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["averaged_from"] == ", ".join(map(str, paths))
+
+    # Another configuration, one file, a missing file: one line each, and nothing written.
+    other = tmp_path / "other.safetensors"
+    save_model(Sam3D(ModelConfig(name="tinier", encoder=EncoderConfig(
+        embed_dim=48, depth=2, num_heads=2, window_size=0, global_attn_indexes=()))), other)
+    capsys.readouterr()
+    for args, message in [([paths[0], other], "only runs of one configuration can be averaged"),
+                          ([paths[0]], "two or more weights files"),
+                          ([paths[0], tmp_path / "nope.safetensors"], "weights file not found")]:
+        target = tmp_path / "refused.safetensors"
+        assert main(["average", *map(str, args), "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not target.exists()
+
+
 def test_broken_int8_files_and_quantize_errors_give_one_line(tmp_path, capsys):
     from safetensors.torch import save_file
     from FastSAM3DLib.cli import main
