@@ -378,7 +378,7 @@ def run(task: Task, batch_source: BatchSource, config: RunConfig, context: Distr
         loss.backward()
         # The norm is NaN or inf when the loss or any gradient is (without clipping too).
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.grad_clip or math.inf)
-        if context.any_rank(not (bool(torch.isfinite(loss)) and bool(torch.isfinite(grad_norm)))):
+        if context.any_rank(not bool(torch.isfinite(loss) & torch.isfinite(grad_norm))):   # one host sync
             # One batch whose loss or gradient overflows must not end hours of training, nor
             # reach AdamW, whose moments it would fill with NaN: as a GradScaler does, the step
             # is skipped; a run that keeps overflowing has diverged and stops.
