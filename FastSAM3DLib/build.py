@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, load_weights, merge_checkpoints, detect_config
-from .model import NAMED_CONFIGS, ModelConfig, Sam3D
+from .model import NAMED_CONFIGS, Sam3D
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "weights" / "default.safetensors"
 MODEL_NAMES = ("default", *NAMED_CONFIGS)
@@ -62,6 +62,3 @@ def build_model(name: str | os.PathLike = "default", checkpoint=None,
         load_weights(model, state, " + ".join(Path(s).name for s in sources))
     return model.eval().to(device)
 
-
-def build_from_config(config: ModelConfig, device: str | torch.device = "cpu") -> Sam3D:
-    return Sam3D(config).to(resolve_device(device))
