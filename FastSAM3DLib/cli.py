@@ -722,15 +722,24 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def _weights_file(name: str, hint: str = "") -> Path:
+    """The file a weights argument names ("default": the bundled one); CheckpointError if absent."""
+    from .build import DEFAULT_WEIGHTS
+    from .checkpoint import CheckpointError
+
+    source = DEFAULT_WEIGHTS if name == "default" else Path(name)
+    if not source.is_file():
+        raise CheckpointError(f"weights file not found: {source}{hint}")
+    return source
+
+
 def cmd_quantize(args) -> int:
     import torch
 
-    from .build import DEFAULT_WEIGHTS, build_model
+    from .build import build_model
     from .checkpoint import CONFIG_METADATA_KEY, QUANTIZATION_METADATA_KEY, CheckpointError, save_model
 
-    source = DEFAULT_WEIGHTS if args.weights == "default" else Path(args.weights)
-    if not source.is_file():
-        raise CheckpointError(f"weights file not found: {source} (quantize needs a trained model's file)")
+    source = _weights_file(args.weights, " (quantize needs a trained model's file)")
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out.name}: the int8 file must end in .safetensors")
@@ -751,7 +760,7 @@ def cmd_quantize(args) -> int:
 def cmd_average(args) -> int:
     import torch
 
-    from .build import DEFAULT_WEIGHTS, build_model
+    from .build import build_model
     from .checkpoint import CheckpointError, save_model
 
     if len(args.weights) < 2:
@@ -759,10 +768,7 @@ def cmd_average(args) -> int:
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out.name}: the averaged file must end in .safetensors")
-    sources = [DEFAULT_WEIGHTS if w == "default" else Path(w) for w in args.weights]
-    for source in sources:
-        if not source.is_file():
-            raise CheckpointError(f"weights file not found: {source}")
+    sources = [_weights_file(w) for w in args.weights]
     models = [build_model(str(source), device="cpu") for source in sources]
     for source, model in zip(sources[1:], models[1:]):
         if model.config != models[0].config:
